@@ -1,0 +1,7 @@
+"""``python -m canal`` (also under ``torchrun``)."""
+
+import sys
+
+from canal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""Package-wide settings: compute device, progress bars, verbosity, data directory.
+
+Only the ``canal`` logger is ever configured here; the root logger is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("canal")
+
+_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG}
+
+
+@dataclass
+class _Settings:
+    """Mutable settings object, exposed as ``canal.settings``.
+
+    Attributes
+    ----------
+    device
+        ``"auto"`` (CUDA when available, else CPU) or any ``torch.device`` string.
+    progress
+        Show tqdm progress bars.
+    num_threads
+        Torch intra-op threads; ``None`` leaves torch's default.
+    """
+
+    device: str = "auto"
+    progress: bool = True
+    num_threads: int | None = None
+    _verbosity: str = "warning"
+
+    @property
+    def verbosity(self) -> str:
+        return self._verbosity
+
+    @verbosity.setter
+    def verbosity(self, level: str) -> None:
+        if level not in _LEVELS:
+            raise ValueError(f"verbosity must be one of {sorted(_LEVELS)}, got {level!r}")
+        self._verbosity = level
+        logger.setLevel(_LEVELS[level])
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("canal: %(message)s"))
+            logger.addHandler(handler)
+
+    def torch_device(self, device: str | torch.device | None = None) -> torch.device:
+        """Resolve ``device`` (or the global setting) to a ``torch.device``."""
+        choice = str(device) if device is not None else self.device
+        if choice == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(choice)
+
+    def apply_threads(self) -> None:
+        if self.num_threads is not None:
+            torch.set_num_threads(int(self.num_threads))
+
+
+settings = _Settings()
+
+
+def data_dir() -> Path:
+    """The shared data directory: ``$CANAL_DATA``, else ``../shared/data`` beside the project.
+
+    The project root is found from the current directory and, for a source checkout or editable
+    install, from this file's location.
+    """
+    env = os.environ.get("CANAL_DATA")
+    if env:
+        return Path(env).expanduser()
+    here = Path(__file__).resolve()
+    candidates = [Path.cwd() / ".." / "shared" / "data", Path.cwd() / "shared" / "data"]
+    candidates += [p / ".." / "shared" / "data" for p in here.parents[:4]]
+    for cand in candidates:
+        if cand.is_dir():
+            return cand.resolve()
+    return (Path.cwd() / ".." / "shared" / "data").resolve()

@@ -1,0 +1,172 @@
+"""The user-facing model: :class:`Annotator`.
+
+An Annotator couples a :class:`~canal.nn.CanalNet` with its fixed gene panel, its cell-type
+library (the classifier's classes, in order), its stage counter, its example bank and its
+training history. It reads AnnData and writes results back into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from canal import io, pp
+from canal._settings import settings
+from canal.data import CellData
+from canal.nn import CanalNet, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+#: Where the shipped pre-trained weights live inside the package.
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default"
+
+
+class Annotator:
+    """A cell-type annotator: network + gene panel + cell-type library + example bank.
+
+    Create one with :meth:`from_pretrained` (shipped or saved weights) or :meth:`create`
+    (random initialisation on a panel chosen from data).
+    """
+
+    def __init__(self, net: CanalNet, genes: Sequence[str], *, cell_types: Sequence[str] = (),
+                 stage: int = 0, meta: dict[str, Any] | None = None, bank=None,
+                 history: list[dict] | None = None):
+        genes = [str(g) for g in genes]
+        if len(genes) != net.config.n_genes:
+            raise ValueError(f"{len(genes)} genes for a network built for {net.config.n_genes}")
+        if len(set(genes)) != len(genes):
+            raise ValueError("the gene panel has duplicate genes")
+        if len(cell_types) != net.head.n_classes:
+            raise ValueError(f"{len(cell_types)} cell types for a head with "
+                             f"{net.head.n_classes} outputs")
+        self.net = net
+        self.genes = genes
+        self.cell_types = [str(c) for c in cell_types]
+        self.stage = int(stage)
+        self.meta = dict(meta or {})
+        self.bank = bank
+        self.history = list(history or [])
+
+    # ---------------------------------------------------------------------------------------
+    # construction, saving, loading
+    # ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, adata, *, n_genes: int = 1000, config: ModelConfig | None = None,
+               genes: Sequence[str] | None = None, gene_embedding=None,
+               layer: str | None = None) -> Annotator:
+        """A randomly initialised model whose gene panel is chosen from ``adata``.
+
+        Parameters
+        ----------
+        adata
+            One AnnData or a list of them (HVGs are chosen over all; see
+            :func:`canal.pp.select_panel`).
+        n_genes
+            Panel size (CANAL uses 1,000 highly variable genes).
+        config
+            Network sizes; ``n_genes`` is set from the panel.
+        genes
+            Use this panel instead of choosing HVGs.
+        gene_embedding
+            Optional ``(n_genes, dim)`` matrix to initialise the gene vectors (e.g. gene2vec).
+        """
+        if genes is None:
+            genes = pp.select_panel(adata, n_genes=n_genes, layer=layer)
+        config = (config or ModelConfig()).replace(n_genes=len(genes))
+        net = CanalNet(config, gene_embedding=gene_embedding)
+        return cls(net, genes)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None) -> Annotator:
+        """Load a checkpoint directory; with no path, the weights shipped with canal."""
+        if path is None:
+            path = DEFAULT_WEIGHTS
+            if not (path / io.CONFIG).exists():
+                raise FileNotFoundError(f"no shipped weights at {path}; reinstall canal or pass "
+                                        "a checkpoint path")
+        ckpt = io.load_checkpoint(path)
+        meta = ckpt.meta
+        try:
+            config = ModelConfig.from_dict(meta["model_config"])
+            genes, cell_types = meta["genes"], meta.get("cell_types", [])
+        except KeyError as err:
+            raise io.CheckpointError(f"{path}/config.json lacks {err}; the checkpoint is "
+                                     "incomplete") from err
+        net = CanalNet(config, n_classes=len(cell_types))
+        try:
+            net.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as err:
+            raise io.CheckpointError(f"weights in {path} do not match its config.json ({err}); "
+                                     "the checkpoint is corrupt or was edited") from err
+        extra = {k: v for k, v in meta.items()
+                 if k not in {"model_config", "genes", "cell_types", "stage", "format",
+                              "format_version", "versions"}}
+        return cls(net, genes, cell_types=cell_types, stage=meta.get("stage", 0), meta=extra,
+                   bank=ckpt.bank, history=ckpt.history)
+
+    load = from_pretrained
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as a checkpoint directory (atomic)."""
+        meta = dict(self.meta)
+        meta.update(model_config=self.net.config.to_dict(), genes=self.genes,
+                    cell_types=self.cell_types, stage=self.stage)
+        ckpt = io.Checkpoint(state_dict=self.net.state_dict(), meta=meta, bank=self.bank,
+                             history=self.history)
+        return io.save_checkpoint(path, ckpt)
+
+    def __repr__(self) -> str:
+        c = self.net.config
+        return (f"Annotator(stage={self.stage}, genes={len(self.genes)}, "
+                f"cell_types={len(self.cell_types)}, dim={c.dim}, depth={c.depth}, "
+                f"heads={c.heads})")
+
+    # ---------------------------------------------------------------------------------------
+    # data
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def prepare(self, adata, *, labels=None, layer: str | None = None,
+                case_insensitive: bool = False, orthologs=False,
+                min_overlap: float = 0.2) -> CellData:
+        """Align ``adata`` to the model's gene panel, log-normalized (see :mod:`canal.pp`)."""
+        return CellData.from_adata(adata, self.genes, labels=labels, layer=layer,
+                                   case_insensitive=case_insensitive, orthologs=orthologs,
+                                   min_overlap=min_overlap)
+
+    @torch.inference_mode()
+    def outputs(self, data: CellData, *, batch_size: int = 64,
+                device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations and logits of every cell, in batches (eval mode, no gradients)."""
+        dev = settings.torch_device(device)
+        self.net.to(dev).eval()
+        reps, logits = [], []
+        for _, tokens in data.batches(batch_size):
+            out = self.net(tokens.to(dev))
+            reps.append(out.representation.float().cpu())
+            logits.append(out.logits.float().cpu())
+        return torch.cat(reps), torch.cat(logits)
+
+    def embed(self, adata, *, key_added: str = "X_canal", batch_size: int = 64,
+              inplace: bool = True, **prepare_kwargs) -> np.ndarray | None:
+        """Cell representations.
+
+        Returns
+        -------
+        Sets ``adata.obsm[key_added]`` (cells x ``rep_dim``) when ``inplace``, else returns it.
+        """
+        rep, _ = self.outputs(self.prepare(adata, **prepare_kwargs), batch_size=batch_size)
+        rep = rep.numpy()
+        if not inplace:
+            return rep
+        adata.obsm[key_added] = rep
+        return None

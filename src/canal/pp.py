@@ -1,0 +1,401 @@
+"""Preprocessing: input checks, normalization, gene-panel alignment, panel choice, binning.
+
+The user's AnnData is never modified: every function here reads it and returns new arrays.
+Everything works row-chunk by row-chunk so that backed (on-disk) files stream with bounded
+memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from canal._settings import data_dir
+
+logger = logging.getLogger(__name__)
+
+#: Expression bins 0..N_BINS-1 come from flooring the clipped log value; the next id is the mask.
+N_BINS = 6
+MASK_TOKEN = N_BINS
+N_TOKENS = N_BINS + 1
+#: normalize_total target, as in scanpy's/scBERT's preprocessing.
+TARGET_SUM = 1e4
+#: log1p(1e6): no log-normalized value exceeds this; larger non-integer values are un-logged.
+_LOG_MAX = 14.0
+_DETECT_CELLS = 2000
+
+InputKind = Literal["counts", "log", "unlogged"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading rows, checks and normalization
+# --------------------------------------------------------------------------------------------
+
+
+def _matrix(adata, layer: str | None):
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not in adata.layers ({list(adata.layers)}); "
+                       "pass layer=None to use adata.X")
+    return adata.layers[layer]
+
+
+def _rows(adata, start: int, stop: int, layer: str | None) -> sp.csr_matrix:
+    """Rows ``start:stop`` as a float32 CSR matrix, whatever the storage (dense, sparse, backed)."""
+    block = _matrix(adata, layer)[start:stop]
+    if hasattr(block, "to_memory"):  # anndata backed sparse dataset
+        block = block.to_memory()
+    if sp.issparse(block):
+        block = sp.csr_matrix(block, dtype=np.float32)
+    else:
+        block = sp.csr_matrix(np.asarray(block, dtype=np.float32))
+    block.sum_duplicates()
+    return block
+
+
+def check_adata(adata) -> None:
+    """Check the AnnData's shape and gene names; raise a ValueError that names the fix."""
+    if adata.n_obs == 0:
+        raise ValueError("the AnnData has no cells (n_obs == 0); pass a non-empty dataset")
+    if adata.n_vars == 0:
+        raise ValueError("the AnnData has no genes (n_vars == 0); pass a non-empty dataset")
+    names = pd.Index(adata.var_names)
+    if names.has_duplicates:
+        dup = names[names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"adata.var_names has duplicate gene names (e.g. {dup}); "
+                         "call adata.var_names_make_unique() first")
+
+
+def _check_block(block: sp.csr_matrix, offset: int) -> None:
+    data = block.data
+    if data.size and not np.isfinite(data).all():
+        first = int(np.flatnonzero(~np.isfinite(data))[0])
+        cell = offset + int(np.searchsorted(block.indptr, first, side="right") - 1)
+        raise ValueError(f"expression contains NaN or inf values (first in cell {cell}); "
+                         "remove or impute them, e.g. np.nan_to_num, before annotating")
+    if data.size and data.min() < 0:
+        raise ValueError("expression contains negative values (scaled or batch-corrected data?); "
+                         "pass raw counts or log-normalized values (e.g. adata.raw or a counts "
+                         "layer via layer=...)")
+    empty = np.flatnonzero(np.asarray(block.sum(axis=1)).ravel() <= 0)
+    if empty.size:
+        raise ValueError(f"{empty.size} cell(s) have no counts (first: cell {offset + empty[0]}); "
+                         "remove them, e.g. sc.pp.filter_cells(adata, min_counts=1)")
+
+
+def detect_input(adata, *, layer: str | None = None) -> InputKind:
+    """Tell raw counts from log-normalized input (and from un-logged normalized values).
+
+    Looks at up to 2,000 cells: integer values are counts; non-integer values up to
+    log1p(1e6) are log-normalized; larger non-integer values (TPM, FPKM, CPM) are un-logged.
+
+    Returns
+    -------
+    ``"counts"``, ``"log"`` or ``"unlogged"``.
+    """
+    check_adata(adata)
+    n = min(adata.n_obs, _DETECT_CELLS)
+    step = max(1, adata.n_obs // n)
+    idx = np.arange(0, adata.n_obs, step)[:n]
+    if adata.isbacked:
+        block = _rows(adata, 0, n, layer)
+    else:
+        block = _rows(adata[idx], 0, len(idx), layer)
+    _check_block(block, 0)
+    data = block.data
+    if data.size == 0:
+        raise ValueError("expression matrix is all zeros; pass a dataset with measured genes")
+    if np.allclose(data, np.round(data)):
+        return "counts"
+    if data.max() > _LOG_MAX:
+        return "unlogged"
+    return "log"
+
+
+def normalize_block(block: sp.csr_matrix, kind: InputKind) -> sp.csr_matrix:
+    """Log-normalize a CSR block (normalize_total to 1e4, then log1p) unless already logged."""
+    if kind == "log":
+        return block
+    totals = np.asarray(block.sum(axis=1)).ravel()
+    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    out = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ block, dtype=np.float32)
+    np.log1p(out.data, out=out.data)
+    return out
+
+
+def log_normalize(adata, *, layer: str | None = None) -> sp.csr_matrix:
+    """Log-normalized expression of all genes, as a new CSR matrix (adata is not modified).
+
+    Raw counts and un-logged values are normalized with scanpy's recipe (normalize_total to
+    1e4, log1p); log-normalized input is passed through, so data is never normalized twice.
+    """
+    kind = detect_input(adata, layer=layer)
+    blocks = [normalize_block(b, kind) for b, _ in _iter_blocks(adata, layer=layer)]
+    return sp.vstack(blocks, format="csr")
+
+
+def _iter_blocks(adata, *, layer: str | None, chunk_size: int = 4096
+                 ) -> Iterator[tuple[sp.csr_matrix, int]]:
+    for start in range(0, adata.n_obs, chunk_size):
+        block = _rows(adata, start, min(start + chunk_size, adata.n_obs), layer)
+        _check_block(block, start)
+        yield block, start
+
+
+# --------------------------------------------------------------------------------------------
+# Gene alignment
+# --------------------------------------------------------------------------------------------
+
+
+def orthologs(path: str | Path | None = None) -> pd.DataFrame:
+    """One-to-one human/mouse orthologs with columns ``human`` and ``mouse``.
+
+    Defaults to ``homologs/human_mouse_1to1.csv.gz`` in the shared data directory
+    (``$CANAL_DATA`` or ``../shared/data``).
+    """
+    path = Path(path) if path is not None else data_dir() / "homologs" / "human_mouse_1to1.csv.gz"
+    if not Path(path).exists():
+        raise FileNotFoundError(f"ortholog table not found at {path}; pass orthologs=PATH or set "
+                                "CANAL_DATA to the folder holding homologs/")
+    table = pd.read_csv(path)
+    cols = {"human.gene.name": "human", "gene.name": "mouse"}
+    if not set(cols) <= set(table.columns):
+        raise ValueError(f"{path} lacks the columns {sorted(cols)}; expected the "
+                         "human_mouse_1to1 table layout")
+    table = table.rename(columns=cols)[["human", "mouse"]].dropna()
+    return table.drop_duplicates("human").drop_duplicates("mouse").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class GeneAlignment:
+    """Where each panel gene sits in a dataset's columns (-1 where it is missing)."""
+
+    source_index: np.ndarray
+    n_found: int
+    n_panel: int
+
+    @property
+    def fraction(self) -> float:
+        return self.n_found / max(self.n_panel, 1)
+
+
+def _guess_cause(var_names: pd.Index, panel: Sequence[str]) -> str:
+    names = pd.Index(var_names).astype(str)
+    if names.str.match(r"^ENS[A-Z]*G\d+").mean() > 0.5:
+        return "adata.var_names look like Ensembl IDs; use gene symbols (e.g. adata.var['gene_symbols'])"
+    upper_data = (names.str.upper() == names).mean()
+    upper_panel = np.mean([g.upper() == g for g in panel]) if len(panel) else 0
+    if upper_panel > 0.8 and upper_data < 0.5:
+        return ("the data look like mouse genes (capitalised symbols) and the model is human; "
+                "pass orthologs=True (or case_insensitive=True)")
+    if upper_panel < 0.5 and upper_data > 0.8:
+        return ("the data look like human genes and the model mouse; pass orthologs=True "
+                "(or case_insensitive=True)")
+    return "check that adata.var_names hold gene symbols of the model's species"
+
+
+def align_genes(
+    var_names: Sequence[str],
+    panel: Sequence[str],
+    *,
+    case_insensitive: bool = False,
+    orthologs_table: pd.DataFrame | None = None,
+    min_overlap: float = 0.2,
+    warn_overlap: float = 0.8,
+) -> GeneAlignment:
+    """Match a dataset's genes to a model's gene panel by symbol.
+
+    Parameters
+    ----------
+    var_names
+        The dataset's gene symbols.
+    panel
+        The model's genes, in model order.
+    case_insensitive
+        Match symbols ignoring case (a rough mouse/human bridge).
+    orthologs_table
+        A table with ``human`` and ``mouse`` columns (see :func:`orthologs`): dataset genes are
+        first translated to the panel's species.
+    min_overlap
+        Below this share of panel genes found, raise a ValueError naming the likely cause.
+    warn_overlap
+        Below this share, log a warning.
+    """
+    names = pd.Index(var_names).astype(str)
+    panel = [str(g) for g in panel]
+    keys = names
+    if orthologs_table is not None:
+        panel_set = set(panel)
+        human_hits = len(panel_set & set(orthologs_table["human"]))
+        mouse_hits = len(panel_set & set(orthologs_table["mouse"]))
+        src, dst = ("mouse", "human") if human_hits >= mouse_hits else ("human", "mouse")
+        mapping = dict(zip(orthologs_table[src], orthologs_table[dst], strict=False))
+        keys = pd.Index([mapping.get(g, g) for g in names])
+    if case_insensitive:
+        keys = keys.str.upper()
+        panel_keys = [g.upper() for g in panel]
+    else:
+        panel_keys = panel
+    lookup = pd.Series(np.arange(len(keys)), index=keys)
+    lookup = lookup[~lookup.index.duplicated(keep="first")]
+    index = lookup.reindex(panel_keys).fillna(-1).to_numpy(dtype=np.int64)
+    found = int((index >= 0).sum())
+    frac = found / max(len(panel), 1)
+    msg = f"{found} of {len(panel)} model genes ({frac:.0%}) found in the data"
+    if frac < min_overlap:
+        raise ValueError(f"only {msg}; {_guess_cause(names, panel)}")
+    if frac < warn_overlap:
+        logger.warning("%s; missing genes are set to zero, predictions may suffer", msg)
+    else:
+        logger.info(msg)
+    return GeneAlignment(source_index=index, n_found=found, n_panel=len(panel))
+
+
+def _select_columns(block: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
+    """Reorder a CSR block's columns to the panel, zero-filling missing genes."""
+    idx = alignment.source_index
+    present = np.flatnonzero(idx >= 0)
+    picked = block[:, idx[present]].tocoo()
+    out = sp.csr_matrix((picked.data, (picked.row, present[picked.col])),
+                        shape=(block.shape[0], len(idx)), dtype=np.float32)
+    out.sort_indices()
+    return out
+
+
+def iter_panel_blocks(
+    adata,
+    genes: Sequence[str],
+    *,
+    layer: str | None = None,
+    chunk_size: int = 4096,
+    case_insensitive: bool = False,
+    orthologs: bool | str | Path | pd.DataFrame = False,
+    min_overlap: float = 0.2,
+) -> Iterator[sp.csr_matrix]:
+    """Stream log-normalized expression on the model's gene panel, ``chunk_size`` cells at a time.
+
+    Works for in-memory (dense or sparse) and backed AnnData. Library sizes use all of the
+    file's genes, before the panel is selected.
+    """
+    check_adata(adata)
+    kind = detect_input(adata, layer=layer)
+    if kind == "unlogged":
+        logger.warning("expression is non-integer but not log-transformed (TPM/CPM-like); "
+                       "normalizing each cell to 1e4 and applying log1p")
+    logger.info("input detected as %s", kind)
+    table = None
+    if orthologs is not False and orthologs is not None:
+        table = orthologs if isinstance(orthologs, pd.DataFrame) else _orthologs(
+            None if orthologs is True else orthologs)
+    alignment = align_genes(adata.var_names, genes, case_insensitive=case_insensitive,
+                            orthologs_table=table, min_overlap=min_overlap)
+    for block, _ in _iter_blocks(adata, layer=layer, chunk_size=chunk_size):
+        yield _select_columns(normalize_block(block, kind), alignment)
+
+
+_orthologs = orthologs
+
+
+def prepare(adata, genes: Sequence[str], **kwargs) -> sp.csr_matrix:
+    """Log-normalized expression on the model's gene panel (cells x panel genes, CSR float32).
+
+    Keyword arguments are those of :func:`iter_panel_blocks`.
+    """
+    return sp.vstack(list(iter_panel_blocks(adata, genes, **kwargs)), format="csr")
+
+
+# --------------------------------------------------------------------------------------------
+# Gene panel
+# --------------------------------------------------------------------------------------------
+
+
+def _gene_ranks(x: sp.csr_matrix, var_names: pd.Index) -> pd.Series:
+    """Per-gene rank (0 = best): the better of Seurat-dispersion rank and log-variance rank."""
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(X=x, var=pd.DataFrame(index=var_names))
+    sc.pp.highly_variable_genes(tmp, n_top_genes=min(100, tmp.n_vars), flavor="seurat")
+    disp = tmp.var["dispersions_norm"].fillna(-np.inf).to_numpy()
+    mean = np.asarray(x.mean(axis=0)).ravel()
+    var = np.asarray(x.multiply(x).mean(axis=0)).ravel() - mean**2
+    r_disp = pd.Series(-disp, index=var_names).rank(method="first").to_numpy()
+    r_var = pd.Series(-var, index=var_names).rank(method="first").to_numpy()
+    return pd.Series(np.minimum(r_disp, r_var) - 1, index=var_names)
+
+
+def select_panel(adatas, *, n_genes: int = 1000, layer: str | None = None) -> list[str]:
+    """Choose a model's gene panel of highly variable genes.
+
+    In each dataset a gene ranks by the better of two scores on log-normalized data: scanpy's
+    Seurat normalized dispersion (variable for its mean) and the plain variance. The second keeps
+    abundant cell-type markers (INS, GCG, LYZ...) whose ambient spread lowers their normalized
+    dispersion. With several datasets (different gene sets allowed), a gene scores by how many
+    datasets place it in their top ``n_genes``, ties broken by its mean rank, as scanpy does with
+    ``batch_key``.
+
+    Returns
+    -------
+    The panel, a list of ``n_genes`` gene symbols in a deterministic order.
+    """
+    if not isinstance(adatas, list | tuple):
+        adatas = [adatas]
+    ranks = []
+    for adata in adatas:
+        if adata.isbacked:
+            adata = adata.to_memory()
+        ranks.append(_gene_ranks(log_normalize(adata, layer=layer),
+                                 pd.Index(adata.var_names.astype(str))))
+    table = pd.concat(ranks, axis=1)
+    score = pd.DataFrame({"n": (table < n_genes).sum(axis=1),
+                          "rank": table.mean(axis=1, skipna=True)})
+    score = score.sort_values(["n", "rank"], ascending=[False, True], kind="stable")
+    if len(score) < n_genes:
+        raise ValueError(f"only {len(score)} genes available, fewer than n_genes={n_genes}; "
+                         "pass a smaller n_genes")
+    return score.index[:n_genes].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Binning into tokens
+# --------------------------------------------------------------------------------------------
+
+
+def bin_tokens(block: sp.csr_matrix | np.ndarray, *, n_bins: int = N_BINS,
+               append_cls: bool = True) -> torch.Tensor:
+    """Token ids for a batch of cells: ``floor(min(log_expr, n_bins - 1))``, as scBERT bins.
+
+    Parameters
+    ----------
+    block
+        Log-normalized expression on the panel (cells x genes), CSR or dense.
+    n_bins
+        Expression bins ``0..n_bins-1``; id ``n_bins`` is reserved for the mask token.
+    append_cls
+        Append the extra per-cell token (bin 0) that scBERT/CANAL put after the genes.
+
+    Returns
+    -------
+    A ``(cells, genes [+ 1])`` int64 tensor.
+    """
+    if sp.issparse(block):
+        csr = sp.csr_matrix(block)
+        rows = torch.from_numpy(np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr)))
+        cols = torch.from_numpy(csr.indices.astype(np.int64))
+        dense = torch.zeros(csr.shape, dtype=torch.float32)
+        dense[rows, cols] = torch.from_numpy(csr.data.astype(np.float32, copy=False))
+    else:
+        dense = torch.as_tensor(np.asarray(block, dtype=np.float32))
+    tokens = dense.clamp_(min=0, max=n_bins - 1).floor_().to(torch.int64)
+    if append_cls:
+        tokens = torch.nn.functional.pad(tokens, (0, 1), value=0)
+    return tokens

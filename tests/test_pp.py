@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from canal import pp
+
+
+def test_detects_counts_log_and_unlogged(baron, seger):
+    assert pp.detect_input(baron) == "counts"
+    logged = baron[:300].copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    assert pp.detect_input(logged) == "log"
+    lawlor = seger[seger.obs["batch"].str.startswith("Lawlor")]
+    assert pp.detect_input(lawlor) == "unlogged"
+
+
+def test_log_normalize_matches_scanpy_and_never_twice(baron):
+    sub = baron[:300].copy()
+    before = sub.X.copy()
+    ours = pp.log_normalize(sub)
+    ref = sub.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    np.testing.assert_allclose(ours.toarray(), ref.X.toarray(), rtol=1e-5, atol=1e-6)
+    # the user's data is untouched
+    assert (sub.X != before).nnz == 0
+    # already log-normalized input passes through unchanged: no double normalization
+    again = pp.log_normalize(ref)
+    np.testing.assert_allclose(again.toarray(), ref.X.toarray(), rtol=1e-6)
+
+
+def test_prepare_reorders_and_zero_fills(baron, panel):
+    sub = baron[:50]
+    genes = [panel[3], "NOT_A_GENE", panel[0]] + panel[10:200]
+    x = pp.prepare(sub, genes, min_overlap=0.1)
+    full = pp.log_normalize(sub)
+    col = {g: i for i, g in enumerate(sub.var_names)}
+    np.testing.assert_allclose(x[:, 0].toarray(), full[:, col[panel[3]]].toarray())
+    np.testing.assert_allclose(x[:, 2].toarray(), full[:, col[panel[0]]].toarray())
+    assert x[:, 1].nnz == 0
+
+
+def test_partial_panel_warns(seger, baron, caplog):
+    # Segerstolpe/Lawlor ships only 1,213 genes: a panel half made of other genes is partial
+    others = [g for g in baron.var_names if g not in set(seger.var_names)]
+    panel = list(seger.var_names[:100]) + others[:100]
+    with caplog.at_level(logging.WARNING, logger="canal"):
+        al = pp.align_genes(seger.var_names, panel)
+    assert 0.2 <= al.fraction < 0.8
+    assert "model genes" in caplog.text
+    x = pp.prepare(seger[:20], panel)
+    missing = np.flatnonzero(al.source_index < 0)
+    assert x[:, missing].nnz == 0 and x.shape == (20, len(panel))
+
+
+def test_mouse_through_orthologs(baron_mouse, panel):
+    with pytest.raises(ValueError, match="mouse"):
+        pp.align_genes(baron_mouse.var_names, panel)
+    table = pp.orthologs()
+    al = pp.align_genes(baron_mouse.var_names, panel, orthologs_table=table)
+    assert al.fraction > 0.6
+    # the mouse gene standing in for human INS-like genes is the ortholog from the table
+    human_to_mouse = dict(zip(table["human"], table["mouse"], strict=False))
+    i = next(i for i, g in enumerate(panel) if g in human_to_mouse and al.source_index[i] >= 0)
+    assert baron_mouse.var_names[al.source_index[i]] == human_to_mouse[panel[i]]
+    ci = pp.align_genes(baron_mouse.var_names, panel, case_insensitive=True)
+    assert ci.fraction > 0.5
+
+
+def test_ensembl_ids_named_in_error(panel):
+    ids = [f"ENSG{i:011d}" for i in range(500)]
+    with pytest.raises(ValueError, match="Ensembl"):
+        pp.align_genes(ids, panel)
+
+
+def test_binning_matches_direct_computation(baron, panel):
+    x = pp.prepare(baron[:64], panel)
+    tokens = pp.bin_tokens(x)
+    direct = np.floor(np.minimum(x.toarray(), pp.N_BINS - 1)).astype(np.int64)
+    assert tokens.shape == (64, len(panel) + 1)
+    np.testing.assert_array_equal(tokens[:, :-1].numpy(), direct)
+    assert (tokens[:, -1] == 0).all()
+    assert tokens.max() <= pp.N_BINS - 1 and tokens.max() >= 3  # real data reaches high bins
+    np.testing.assert_array_equal(pp.bin_tokens(x.toarray()).numpy(), tokens.numpy())
+
+
+def test_dense_and_backed_inputs_agree(baron, panel, tmp_path):
+    sub = baron[:120].copy()
+    ref = pp.prepare(sub, panel)
+    dense = sub.copy()
+    dense.X = dense.X.toarray()
+    np.testing.assert_allclose(pp.prepare(dense, panel).toarray(), ref.toarray())
+    sub.write_h5ad(tmp_path / "s.h5ad")
+    backed = ad.read_h5ad(tmp_path / "s.h5ad", backed="r")
+    got = pp.prepare(backed, panel, chunk_size=50)
+    np.testing.assert_allclose(got.toarray(), ref.toarray())
+    backed.file.close()
+
+
+def _bad(baron, fn):
+    a = baron[:40].copy()
+    fn(a)
+    return a
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda a: a.X.data.__setitem__(0, np.nan), "NaN"),
+        (lambda a: a.X.data.__setitem__(0, np.inf), "NaN or inf"),
+        (lambda a: a.X.data.__setitem__(0, -1.0), "negative"),
+    ],
+)
+def test_bad_values_are_named(baron, panel, mutate, match):
+    a = _bad(baron, mutate)
+    snapshot = a.X.copy()
+    with pytest.raises(ValueError, match=match):
+        pp.prepare(a, panel)
+    np.testing.assert_array_equal(a.X.data, snapshot.data)  # nothing modified
+
+
+def test_empty_cells_duplicates_and_empty_adata(baron, panel):
+    a = baron[:40].copy()
+    x = a.X.tolil()
+    x[5, :] = 0
+    a.X = sp.csr_matrix(x)
+    with pytest.raises(ValueError, match="filter_cells"):
+        pp.prepare(a, panel)
+    b = baron[:10, :300].copy()
+    b.var_names = ["G"] * 299 + ["H"]
+    with pytest.raises(ValueError, match="var_names_make_unique"):
+        pp.prepare(b, panel)
+    with pytest.raises(ValueError, match="no cells"):
+        pp.prepare(baron[:0].copy(), panel)
+
+
+def test_select_panel_over_several_files(baron, seger):
+    one = pp.select_panel(baron, n_genes=100)
+    assert len(one) == 100 == len(set(one))
+    assert one == pp.select_panel(baron, n_genes=100)  # deterministic
+    assert "INS" in pp.select_panel(baron, n_genes=1000)
+    both = pp.select_panel([baron, seger], n_genes=150)
+    assert len(both) == 150 and set(both) <= set(baron.var_names) | set(seger.var_names)
+    with pytest.raises(ValueError, match="smaller n_genes"):
+        pp.select_panel(seger, n_genes=5000)
