@@ -50,6 +50,50 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _where(adata, where: Sequence[str] | None):
+    """Keep cells matching every ``--where KEY=V1,V2`` filter."""
+    mask = None
+    for cond in where or []:
+        key, sep, values = cond.partition("=")
+        if not sep or key not in adata.obs:
+            raise ValueError(f"--where {cond!r}: expected KEY=VALUE[,VALUE] with KEY an obs "
+                             f"column ({list(adata.obs.columns)})")
+        m = adata.obs[key].astype(str).isin(values.split(",")).to_numpy()
+        mask = m if mask is None else mask & m
+    if mask is not None:
+        if not mask.any():
+            raise ValueError(f"--where {where} selects no cells")
+        adata = adata[mask]
+    return adata
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from canal import Annotator
+    from canal.data import read_labels
+    from canal.train import StageConfig
+
+    model = Annotator.from_pretrained(args.from_)
+    adata = _read(args.data)
+    adata = _where(adata, args.where)
+    labels = read_labels(adata, args.labels)
+    if args.types:
+        adata = adata[labels.isin(args.types.split(",")).to_numpy()]
+        labels = read_labels(adata, args.labels)
+    if args.min_cells > 1:
+        counts = labels.value_counts()
+        adata = adata[labels.isin(counts.index[counts >= args.min_cells]).to_numpy()]
+    config = StageConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, bank_size=args.bank_size, distill_weight=args.distill_weight,
+                         precision=args.precision, seed=args.seed)
+    model.fit_stage(adata.copy(), labels_key=args.labels, config=config)
+    model.save(args.out)
+    h = model.history[-1]
+    print(f"stage {model.stage}: {h['n_cells']} cells (+{h['n_replayed']} replayed), "
+          f"new types {h['new_types'] or 'none'}, best validation accuracy "
+          f"{h['best_val_accuracy']}, {h['wall_seconds']:.0f}s; written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canal", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -63,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-genes", type=int, default=1000)
     p.add_argument("--size", choices=["default", "paper"], default="default")
     p.set_defaults(func=_cmd_init)
+
+    from canal.train import StageConfig
+
+    d = StageConfig()
+    p = sub.add_parser("fit", help="fine-tune on one labelled dataset (a stage)")
+    p.add_argument("--data", required=True, help="labelled .h5ad")
+    p.add_argument("--labels", default="cell_type", help="obs column with cell types")
+    p.add_argument("--from", dest="from_", default=None,
+                   help="checkpoint to start from (default: canal's shipped pre-trained weights)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--where", action="append", metavar="KEY=V1,V2",
+                   help="keep cells whose obs[KEY] is one of the values (repeatable)")
+    p.add_argument("--types", default=None, help="comma-separated cell types to keep")
+    p.add_argument("--min-cells", type=int, default=1,
+                   help="leave out types with fewer cells than this")
+    p.add_argument("--strategy", default=d.strategy,
+                   choices=["canal", "naive", "replay", "distill", "joint"])
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--bank-size", type=int, default=d.bank_size)
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model")
