@@ -13,6 +13,14 @@ from collections.abc import Sequence
 logger = logging.getLogger(__name__)
 
 
+def _say(message: str) -> None:
+    """Print a result line (once, from rank 0, under torchrun)."""
+    from canal import distributed
+
+    if distributed.is_main():
+        print(message)
+
+
 def _read(path: str, *, backed: bool = False):
     import anndata as ad
 
@@ -26,7 +34,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     config = ModelConfig.paper() if args.size == "paper" else ModelConfig()
     model = Annotator.create(adatas, n_genes=args.n_genes, config=config)
     model.save(args.out)
-    print(f"{model} written to {args.out}")
+    _say(f"{model} written to {args.out}")
     return 0
 
 
@@ -88,9 +96,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     model.fit_stage(adata.copy(), labels_key=args.labels, config=config)
     model.save(args.out)
     h = model.history[-1]
-    print(f"stage {model.stage}: {h['n_cells']} cells (+{h['n_replayed']} replayed), "
-          f"new types {h['new_types'] or 'none'}, best validation accuracy "
-          f"{h['best_val_accuracy']}, {h['wall_seconds']:.0f}s; written to {args.out}")
+    procs = f" on {h['world_size']} processes" if h.get("world_size", 1) > 1 else ""
+    _say(f"stage {model.stage}: {h['n_cells']} cells (+{h['n_replayed']} replayed), "
+         f"new types {h['new_types'] or 'none'}, best validation accuracy "
+         f"{h['best_val_accuracy']}, {h['wall_seconds']:.0f}s{procs}; written to {args.out}")
     return 0
 
 
@@ -147,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``canal`` command line; returns the exit code."""
+    """Run the ``canal`` command line; returns the exit code.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join one process group for the
+    command (see :mod:`canal.distributed`); only rank 0 logs progress and prints results.
+    """
+    from canal import distributed
     from canal._settings import settings
 
     parser = build_parser()
@@ -157,11 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.progress = False
     if args.device:
         settings.device = args.device
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"canal {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    with distributed.session():
+        if not distributed.is_main():
+            settings.verbosity = "warning"
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            where = f" (rank {distributed.rank()})" if distributed.active() else ""
+            print(f"canal {args.command}{where}: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

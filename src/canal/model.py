@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from canal import io, novelty, pp
+from canal import distributed, io, novelty, pp
 from canal._settings import settings
 from canal.continual import Distiller, ExampleBank
 from canal.data import CellData, concat, encode_labels, read_labels
@@ -115,13 +115,16 @@ class Annotator:
     load = from_pretrained
 
     def save(self, path: str | Path) -> Path:
-        """Write the model as a checkpoint directory (atomic)."""
+        """Write the model as a checkpoint directory (atomic).
+
+        Under ``torchrun`` only rank 0 writes; the other ranks wait until it is written.
+        """
         meta = dict(self.meta)
         meta.update(model_config=self.net.config.to_dict(), genes=self.genes,
                     cell_types=self.cell_types, stage=self.stage)
         ckpt = io.Checkpoint(state_dict=self.net.state_dict(), meta=meta, bank=self.bank,
                              history=self.history)
-        return io.save_checkpoint(path, ckpt)
+        return distributed.on_main(io.save_checkpoint, path, ckpt)
 
     def __repr__(self) -> str:
         c = self.net.config

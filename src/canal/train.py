@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from canal import distributed
 from canal._settings import settings
 from canal.continual.distill import Distiller
 from canal.data import CellData
@@ -52,7 +53,8 @@ class StageConfig:
         ``canal`` (replay + distillation), ``naive`` (plain sequential fine-tuning), ``replay``,
         ``distill``, or ``joint`` (every cell of every stage so far: the upper bound).
     epochs, batch_size, lr
-        Maximum epochs, cells per step, peak learning rate (Adam).
+        Maximum epochs, cells per step (per process under ``torchrun``), peak learning rate
+        (Adam).
     warmup_epochs, restart_epochs
         Linear warm-up length, then cosine annealing restarted every ``restart_epochs``.
     label_smoothing
@@ -141,9 +143,15 @@ def trainable_start(net: CanalNet, trainable: Trainable) -> int:
 
 
 def set_trainable(net: CanalNet, trainable: Trainable) -> list[nn.Parameter]:
-    """Freeze the network but for the parts named by ``trainable``; returns those parameters."""
+    """Freeze the network but for the parts named by ``trainable``; returns those parameters.
+
+    The masked-expression head ``to_out`` takes no part in classification and stays frozen
+    (it would get no gradient anyway; DDP requires every trained parameter to get one).
+    """
     for p in net.parameters():
         p.requires_grad_(trainable == "all")
+    for p in net.to_out.parameters():
+        p.requires_grad_(False)
     if trainable != "all":
         parts: list[nn.Module] = [net.head]
         if trainable == "canal":
@@ -183,40 +191,47 @@ def _lr_lambda(warmup: int, period: int):
 
 
 class _Inputs:
-    """Per-cell inputs of the trained part: cached prefix states, or tokens when not cached."""
+    """Per-cell inputs of the trained part: cached prefix states, or tokens when not cached.
+
+    Only the cells ``index`` (default: all) are cached: under ``torchrun``, a rank's own cells.
+    """
 
     def __init__(self, net: CanalNet, data: CellData, start: int, *, batch_size: int,
-                 device: torch.device, limit_gb: float, autocast: bool):
+                 device: torch.device, limit_gb: float, autocast: bool,
+                 index: np.ndarray | None = None):
         self.net, self.data, self.start, self.device = net, data, start, device
+        self.index = np.arange(data.n_cells) if index is None else np.unique(index)
+        self.row = np.full(data.n_cells, -1, dtype=np.int64)  # cell -> cache row
+        self.row[self.index] = np.arange(len(self.index))
         c = net.config
-        need_gb = data.n_cells * c.seq_len * c.dim * 4 / 1e9
+        need_gb = len(self.index) * c.seq_len * c.dim * 4 / 1e9
         self.cache: torch.Tensor | None = None
         self.seconds = 0.0
         if start > 0 and need_gb <= limit_gb:
             t0 = time.perf_counter()
-            self.cache = torch.empty(data.n_cells, c.seq_len, c.dim, dtype=torch.float32,
+            self.cache = torch.empty(len(self.index), c.seq_len, c.dim, dtype=torch.float32,
                                      device=device)
             net.eval()
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                for idx, tokens in data.batches(batch_size):
+                for idx, tokens in data.batches(batch_size, index=self.index):
                     h = net.encode(tokens.to(device), stop=start)
-                    self.cache[torch.as_tensor(idx, device=device)] = h.float()
+                    self.cache[torch.as_tensor(self.row[idx], device=device)] = h.float()
             self.seconds = time.perf_counter() - t0
             logger.info("cached %d cells x %d frozen layers (%.2f GB) in %.1fs",
-                        data.n_cells, start, need_gb, self.seconds)
+                        len(self.index), start, need_gb, self.seconds)
         elif start > 0:
             logger.warning("frozen-prefix cache would take %.1f GB > cache_limit_gb; recomputing "
                            "frozen layers every batch", need_gb)
 
     def forward(self, net: CanalNet, idx: np.ndarray):
         if self.cache is not None:
-            hidden = self.cache[torch.as_tensor(idx, device=self.device)]
+            hidden = self.cache[torch.as_tensor(self.row[idx], device=self.device)]
             return net(hidden=hidden, start=self.start)
         tokens = self.data.tokens(idx).to(self.device)
         if self.start == 0:
             return net(tokens)
         with torch.no_grad():
-            hidden = net.encode(tokens, stop=self.start)
+            hidden = distributed.unwrap(net).encode(tokens, stop=self.start)
         return net(hidden=hidden, start=self.start)
 
     def outputs(self, net: CanalNet, idx: np.ndarray, *, batch_size: int, autocast: bool
@@ -243,10 +258,25 @@ def _same_prefix(a: CanalNet, b: CanalNet, start: int) -> bool:
     return True
 
 
+def _val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Validation accuracy and mean loss; under ``torchrun``, over every rank's cells."""
+    if not distributed.active():
+        return (float((logits.argmax(1) == labels).float().mean()),
+                float(nn.functional.cross_entropy(logits, labels)))
+    correct, loss, n = distributed.sum_across([
+        float((logits.argmax(1) == labels).sum()),
+        float(nn.functional.cross_entropy(logits, labels, reduction="sum")), len(labels)])
+    return correct / n, loss / n
+
+
 def run_stage(net: CanalNet, data: CellData, *, config: StageConfig,
               distiller: Distiller | None = None, device: torch.device | None = None
               ) -> StageResult:
     """Train ``net`` in place on labelled cells ``data`` (new cells and replayed bank cells).
+
+    In a process group (``torchrun``, see :mod:`canal.distributed`) every rank holds all of
+    ``data``, trains on its own share of it (gradients all-reduced by DDP), and gets the same
+    history, the same final weights and the representations of every cell.
 
     Returns
     -------
@@ -266,20 +296,25 @@ def run_stage(net: CanalNet, data: CellData, *, config: StageConfig,
     params = set_trainable(net, config.trainable)
     start = trainable_start(net, config.trainable)
     train_idx, val_idx = stratified_split(data.labels, config.val_fraction, config.seed)
+    # under torchrun: this rank's cells (a single process keeps them all)
+    my_train = distributed.shard(train_idx, seed=config.seed)
+    my_val = distributed.shard(val_idx, seed=config.seed, pad=False)
     inputs = _Inputs(net, data, start, batch_size=max(config.batch_size, 64), device=device,
-                     limit_gb=config.cache_limit_gb, autocast=autocast)
+                     limit_gb=config.cache_limit_gb, autocast=autocast,
+                     index=np.union1d(my_train, my_val) if distributed.active() else None)
     if distiller is not None and distiller.active:
         teacher = distiller.teacher.to(device)
-        all_idx = np.arange(data.n_cells)
         if inputs.cache is not None and _same_prefix(teacher, net, start):
-            reps, _ = inputs.outputs(teacher, all_idx, batch_size=64, autocast=autocast)
+            reps, _ = inputs.outputs(teacher, inputs.index, batch_size=64, autocast=autocast)
         else:
             with torch.no_grad():
                 reps = torch.cat([teacher(t.to(device)).representation.float().cpu()
-                                  for _, t in data.batches(64)])
-        distiller.set_targets(reps.to(device))
+                                  for _, t in data.batches(64, index=inputs.index)])
+        distiller.set_targets(distributed.gather_cells(inputs.index, reps, data.n_cells)
+                              .to(device))
     labels = torch.as_tensor(data.labels, device=device)
-    steps_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
+    model = distributed.wrap(net)  # DistributedDataParallel under torchrun
+    steps_per_epoch = max(1, math.ceil(len(my_train) / config.batch_size))
     optimizer = torch.optim.Adam(params, lr=config.lr)
     warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -291,18 +326,18 @@ def run_stage(net: CanalNet, data: CellData, *, config: StageConfig,
     best_score, best_state, best_epoch, waited = (-1.0, -math.inf), None, 0, 0
     cells_seen, train_seconds = 0, 0.0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + distributed.rank())  # dropout differs across ranks
         bar = tqdm(range(config.epochs), desc="stage", unit="epoch",
-                   disable=not settings.progress, leave=False)
+                   disable=not settings.progress or not distributed.is_main(), leave=False)
         for epoch in bar:
             t0 = time.perf_counter()
             net.train()
-            order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+            order = my_train[torch.randperm(len(my_train), generator=gen).numpy()]
             tot, tot_d, n_b = 0.0, 0.0, 0
             for s in range(0, len(order), config.batch_size):
                 idx = order[s:s + config.batch_size]
                 with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    out = inputs.forward(net, idx)
+                    out = inputs.forward(model, idx)
                     loss = criterion(out.logits.float(), labels[torch.as_tensor(idx)])
                 d_loss = (distiller.loss(torch.as_tensor(idx, device=device),
                                          out.representation, n_all_types=n_classes)
@@ -316,13 +351,12 @@ def run_stage(net: CanalNet, data: CellData, *, config: StageConfig,
                 n_b += 1
                 cells_seen += len(idx)
             train_seconds += time.perf_counter() - t0
+            tot, tot_d, n_b = distributed.sum_across([tot, tot_d, n_b])
             hist["train_loss"].append(tot / max(n_b, 1))
             hist["distill_loss"].append(tot_d / max(n_b, 1))
             if len(val_idx):
-                _, vlog = inputs.outputs(net, val_idx, batch_size=64, autocast=autocast)
-                vlab = torch.as_tensor(data.labels[val_idx])
-                acc = float((vlog.argmax(1) == vlab).float().mean())
-                vloss = float(nn.functional.cross_entropy(vlog, vlab))
+                _, vlog = inputs.outputs(net, my_val, batch_size=64, autocast=autocast)
+                acc, vloss = _val_metrics(vlog, torch.as_tensor(data.labels[my_val]))
             else:
                 acc, vloss = float("nan"), hist["train_loss"][-1]
             hist["val_accuracy"].append(acc)
@@ -342,7 +376,9 @@ def run_stage(net: CanalNet, data: CellData, *, config: StageConfig,
         bar.close()
     if best_state is not None:
         net.load_state_dict(best_state)
-    reps, logits = inputs.outputs(net, np.arange(data.n_cells), batch_size=64, autocast=autocast)
+    reps, logits = inputs.outputs(net, inputs.index, batch_size=64, autocast=autocast)
+    reps = distributed.gather_cells(inputs.index, reps, data.n_cells)
+    logits = distributed.gather_cells(inputs.index, logits, data.n_cells)
     for p in net.parameters():
         p.requires_grad_(True)
     net.eval()
@@ -351,7 +387,7 @@ def run_stage(net: CanalNet, data: CellData, *, config: StageConfig,
         best_val_accuracy=best_score[0] if len(val_idx) else None,
         n_train=int(len(train_idx)), n_val=int(len(val_idx)), cached_layers=start,
         cache_seconds=inputs.seconds, train_seconds=train_seconds,
-        train_cells_per_second=cells_seen / max(train_seconds, 1e-9),
-        wall_seconds=time.perf_counter() - t_start,
+        train_cells_per_second=cells_seen * distributed.world_size() / max(train_seconds, 1e-9),
+        wall_seconds=time.perf_counter() - t_start, world_size=distributed.world_size(),
     )
     return StageResult(history=hist, representations=reps, logits=logits)
