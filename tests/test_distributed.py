@@ -1,0 +1,162 @@
+"""Data-parallel training: helpers in one process, and two real gloo processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import canal
+from canal import Annotator, distributed
+from canal.cli import main
+from canal.continual import ExampleBank
+from tests.conftest import TINY
+
+SRC = Path(canal.__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+
+
+def _torchrun(*args: str, nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` (rendezvous on a free localhost port) on this source tree."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(SRC), str(HERE.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stage_files(baron, panel, tmp_path_factory):
+    """240 Baron human1 cells in an .h5ad and a tiny untrained checkpoint on the panel."""
+    root = tmp_path_factory.mktemp("ddp_inputs")
+    donor = baron[(baron.obs["batch"] == "human1").to_numpy()]
+    rng = np.random.default_rng(0)
+    sub = donor[np.sort(rng.choice(donor.n_obs, 240, replace=False))].copy()
+    sub.write_h5ad(root / "cells.h5ad")
+    Annotator.create(None, genes=panel, config=TINY).save(root / "init")
+    return root / "cells.h5ad", root / "init", sub
+
+
+# --------------------------------------------------------------------------------------------
+# one process: the helpers are the identity
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [11, 12, 240])
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_deals_every_cell_once_and_pads_to_equal_length(n, world):
+    cells = np.arange(100, 100 + n)
+    plain = [distributed.shard(cells, seed=5, pad=False, rank=r, world_size=world)
+             for r in range(world)]
+    assert sorted(np.concatenate(plain).tolist()) == cells.tolist()
+    padded = [distributed.shard(cells, seed=5, rank=r, world_size=world) for r in range(world)]
+    assert {len(p) for p in padded} == {-(-n // world)}
+    for p, q in zip(padded, plain, strict=True):
+        assert set(p) == set(q)  # padding repeats the rank's own cells only
+    other_seed = distributed.shard(cells, seed=6, pad=False, rank=0, world_size=world)
+    assert not np.array_equal(other_seed, plain[0])
+
+
+def test_shard_in_one_process_and_errors():
+    cells = np.array([4, 2, 9])
+    assert distributed.shard(cells, seed=0) is cells
+    with pytest.raises(ValueError, match="at most 3 processes"):
+        distributed.shard(cells, seed=0, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="outside world size"):
+        distributed.shard(cells, seed=0, rank=2, world_size=2)
+
+
+def test_helpers_without_a_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.launched() and not distributed.active()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    with distributed.session() as joined:
+        assert joined is False
+    assert distributed.sum_across([1, 2.5]) == [1.0, 2.5]
+    rows = torch.arange(6.0).reshape(3, 2)
+    assert distributed.gather_cells(np.arange(3), rows, 3) is rows
+    shuffled = distributed.gather_cells(np.array([2, 0, 1]), rows, 3)
+    assert shuffled.tolist() == [[2.0, 3.0], [4.0, 5.0], [0.0, 1.0]]
+    with pytest.raises(RuntimeError, match="computed by no rank"):
+        distributed.gather_cells(np.array([0, 1]), rows[:2], 3)
+    net = nn.Linear(2, 2)
+    assert distributed.wrap(net) is net and distributed.unwrap(net) is net
+    assert distributed.on_main(lambda a, *, b: a + b, 1, b=2) == 3
+    assert distributed.broadcast_object({"x": 1}) == {"x": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# two processes (gloo) under torchrun
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_ranks_agree_and_ddp_averages_gradients(stage_files, tmp_path):
+    data, init, _ = stage_files
+    prefix = tmp_path / "rank"
+    proc = _torchrun(str(HERE / "ddp_worker.py"), str(data), str(init), str(prefix))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank.{r}.json").read_text()) for r in (0, 1)]
+    expected = [[10.0 * i, -float(i)] for i in range(11)]
+    for r, res in enumerate(ranks):
+        c = res["collectives"]
+        assert (c["rank"], c["world_size"], c["is_main"]) == (r, 2, r == 0)
+        assert c["gathered"] == expected  # cell order restored on every rank
+        assert c["sum"] == pytest.approx([1.2, 2.0])
+        assert c["broadcast"] == {"from": 0} and c["on_main"] == 0
+        assert c["wrapped"]
+        np.testing.assert_allclose(c["grad"], c["grad_full_batch"], rtol=1e-5, atol=1e-6)
+    assert ranks[0]["collectives"]["on_main_error"] == "ValueError: disk full"
+    assert ranks[1]["collectives"]["on_main_error"] == \
+        "RuntimeError: rank 0 failed: ValueError: disk full"
+    # two stages (replay + distillation): every rank ends with the same weights, history, bank
+    s0, s1 = ranks[0]["stages"], ranks[1]["stages"]
+    assert s0 == s1
+    assert s0["world_size"] == [2, 2]
+    assert s0["bank_stages"] == [1, 2] and len(s0["bank"]) == 40
+
+
+def test_torchrun_fit_matches_single_process(stage_files, tmp_path):
+    data, init, cells = stage_files
+    out = tmp_path / "runs" / "ddp"
+    args = ["--quiet", "fit", "--data", str(data), "--labels", "cell_type", "--from", str(init),
+            "--epochs", "2", "--lr", "3e-3", "--bank-size", "60"]
+    proc = _torchrun("-m", "canal", *args, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("stage 1:") == 1 and "on 2 processes" in proc.stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp"]  # no temp or stale dirs
+    single = tmp_path / "runs_single" / "one"
+    assert main([*args, "--out", str(single)]) == 0
+
+    model = Annotator.from_pretrained(out)
+    ref = Annotator.from_pretrained(single)
+    h = model.history[-1]
+    assert h["world_size"] == 2 and h["n_train"] + h["n_val"] == cells.n_obs
+    assert ref.history[-1]["world_size"] == 1
+    assert model.cell_types == ref.cell_types
+    # same size and class balance as one process
+    assert model.bank.n_obs == ref.bank.n_obs == 60
+    counts = model.bank.obs["cell_type"].value_counts().to_dict()
+    assert counts == ref.bank.obs["cell_type"].value_counts().to_dict()
+    # the bank is what the saved model's own representations of the cells select
+    prepared = model.prepare(cells)
+    rep, logits = model.outputs(prepared)
+    assert logits.shape == (cells.n_obs, len(model.cell_types)) and torch.isfinite(logits).all()
+    labels = cells.obs["cell_type"].astype(str).to_numpy()
+    again = ExampleBank(60)
+    again.update(prepared.X, labels, rep, library=model.cell_types,
+                 classifier_weight=model.net.head.classifier.weight.detach(),
+                 stage=np.ones(cells.n_obs, int), cell_names=cells.obs_names)
+    assert again.obs["cell"].tolist() == model.bank.obs["cell"].tolist()
+    truth = dict(zip(cells.obs_names, labels, strict=True))
+    assert all(truth[c] == t for c, t in zip(model.bank.obs["cell"], model.bank.obs["cell_type"],
+                                             strict=True))
