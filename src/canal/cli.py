@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,34 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from canal.stream import format_table, run_stream
+
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    res = run_stream(args.config, out_dir=out, root=args.data_dir, strategy=args.strategy,
+                     seed=args.seed, epochs=args.epochs)
+    print(f"\n{res['name']} ({res['strategy']}, seed {res['seed']}, {res['seconds']:.0f}s)")
+    print(format_table(res))
+    print(f"results, tables and plots in {out}/")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from canal.stream import format_table, run_stream
+
+    out = Path(args.out)
+    names = ["pancreas"] + (["novel_pancreas"] if args.novel else [])
+    for name in names:
+        print(f"canal demo: running the {name} experiment from canal's pre-trained weights "
+              f"(data: {args.data_dir or 'the shared data folder'})", flush=True)
+        res = run_stream(name, out_dir=out / name, root=args.data_dir, seed=args.seed)
+        print(f"\n{name}: {len(res['stages'])} stages in {res['seconds']:.0f}s, cell types "
+              f"{', '.join(res['cell_types'])}")
+        print(format_table(res))
+        print(f"plots and tables: {out / name}/\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canal", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -133,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd_fit)
 
+    p = sub.add_parser("stream", help="run a stream of stages from a TOML config")
+    p.add_argument("config", help="TOML file or a shipped config name: pancreas, immune, "
+                   "novel_pancreas, novel_immune, cross_species")
+    p.add_argument("--out", default=None, help="output folder (default runs/NAME)")
+    p.add_argument("--data-dir", default=None, help="folder of the data files (default "
+                   "$CANAL_DATA or ../shared/data)")
+    p.add_argument("--strategy", default=None,
+                   choices=["canal", "naive", "replay", "distill", "joint"])
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_stream)
+
+    p = sub.add_parser("demo", help="the pancreas reference experiment from shipped weights")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--novel", action="store_true", help="also run the novel-cell experiment "
+                   "(alpha withheld) and report its H-score")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
@@ -146,9 +196,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+             "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+             "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
+
+
+def _reexec_with_tcmalloc() -> None:
+    """Restart the command with tcmalloc preloaded when it is installed.
+
+    glibc's malloc returns the large temporaries of every training step to the system and pays
+    for fresh pages each time; tcmalloc keeps them, which made a step ~3x faster on a 2-core CPU.
+    Set ``CANAL_NO_TCMALLOC=1`` to opt out.
+    """
+    if os.environ.get("CANAL_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = next((p for p in _TCMALLOC if os.path.exists(p)), None)
+    if lib is None:
+        return
+    env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip())
+    os.execve(sys.executable, [sys.executable, "-m", "canal", *sys.argv[1:]], env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``canal`` command line; returns the exit code."""
     from canal._settings import settings
+
+    if argv is None:
+        _reexec_with_tcmalloc()
 
     parser = build_parser()
     args = parser.parse_args(argv)
