@@ -103,9 +103,14 @@ def token_batches(blocks: Iterable[sp.csr_matrix], batch_size: int) -> Iterator[
 
 
 @torch.inference_mode()
-def forward(net: CanalNet, batches: Iterable[torch.Tensor], *, precision: Precision = "fp32",
-            device: str | torch.device | None = None, total: int | None = None) -> NetOutputs:
+def forward(net: CanalNet, batches: Iterable[torch.Tensor], *, n_cells: int,
+            precision: Precision = "fp32",
+            device: str | torch.device | None = None) -> NetOutputs:
     """Run ``net`` over token batches (eval mode, no gradients, optional bf16 autocast).
+
+    Outputs are copied into tensors allocated once for all ``n_cells`` cells: keeping a small
+    tensor per batch instead fragments the heap between the large per-batch temporaries, and
+    resident memory then grows with the number of batches.
 
     Parameters
     ----------
@@ -113,13 +118,13 @@ def forward(net: CanalNet, batches: Iterable[torch.Tensor], *, precision: Precis
         The network; it is moved to ``device`` and its train/eval mode is restored afterwards.
     batches
         ``(cells, seq_len)`` token tensors, e.g. from :func:`token_batches`.
+    n_cells
+        Total cells in ``batches``.
     precision
         ``"fp32"`` or ``"bf16"`` (autocast of the matrix products; the attention kernel stays
         in float32).
     device
         Torch device; ``None`` uses ``canal.settings.device``.
-    total
-        Number of cells, for the progress bar.
 
     Returns
     -------
@@ -128,21 +133,25 @@ def forward(net: CanalNet, batches: Iterable[torch.Tensor], *, precision: Precis
     _check_precision(precision)
     dev = settings.torch_device(device)
     net.to(dev)
-    reps: list[torch.Tensor] = []
-    logits: list[torch.Tensor] = []
-    bar = tqdm(total=total, unit="cell", desc="canal predict", disable=not settings.progress,
+    reps = torch.empty(n_cells, net.config.rep_dim)
+    logits = torch.empty(n_cells, net.head.n_classes)
+    done = 0
+    bar = tqdm(total=n_cells, unit="cell", desc="canal predict", disable=not settings.progress,
                leave=False)
     with _eval_mode(net), _autocast(dev, precision):
         for tokens in batches:
+            stop = done + tokens.shape[0]
+            if stop > n_cells:
+                raise ValueError(f"more than n_cells={n_cells} cells in the batches")
             out = net(tokens.to(dev, non_blocking=True))
-            reps.append(out.representation.float().cpu())
-            logits.append(out.logits.float().cpu())
+            reps[done:stop] = out.representation.float()
+            logits[done:stop] = out.logits.float()
+            done = stop
             bar.update(tokens.shape[0])
     bar.close()
-    n_classes = net.head.n_classes
-    if not reps:
-        return NetOutputs(torch.zeros(0, net.config.rep_dim), torch.zeros(0, n_classes))
-    return NetOutputs(torch.cat(reps), torch.cat(logits))
+    if done != n_cells:
+        raise ValueError(f"the batches held {done} cells, not n_cells={n_cells}")
+    return NetOutputs(reps, logits)
 
 
 def _classifier(net: CanalNet):
@@ -197,8 +206,8 @@ def calibration(net: CanalNet, data: CellData, *, batch_size: int = 64,
                          "pass the training cells or the example bank")
     if net.head.n_classes == 0:
         raise ValueError("the network has no cell types yet; calibrate after a training stage")
-    out = forward(net, (tok for _, tok in data.batches(batch_size)), precision=precision,
-                  device=device, total=data.n_cells)
+    out = forward(net, (tok for _, tok in data.batches(batch_size)), n_cells=data.n_cells,
+                  precision=precision, device=device)
     gen = torch.Generator().manual_seed(int(seed))
     with _eval_mode(net):
         cal = nov.calibrate(out.representation, out.logits, _classifier(net),
@@ -374,8 +383,8 @@ def annotate(
     chunk = batch_size * max(1, _CHUNK_CELLS // batch_size)
     blocks = pp.iter_panel_blocks(adata, genes, layer=layer, chunk_size=chunk,
                                   alignment=alignment)
-    outputs = forward(net, token_batches(blocks, batch_size), precision=precision,
-                      device=device, total=adata.n_obs)
+    outputs = forward(net, token_batches(blocks, batch_size), n_cells=adata.n_obs,
+                      precision=precision, device=device)
 
     with _eval_mode(net):
         scores, params = _novelty(outputs, _classifier(net), mode=novelty, cal=calibration,
