@@ -150,7 +150,8 @@ def umap(adata, *, rep: str = "X_canal", color: Sequence[str] = ("canal",),
                     random_state=seed)
     sc.tl.umap(light, random_state=seed)
     xy = light.obsm["X_umap"]
-    categories = sorted(set(np.concatenate([light.obs[c].to_numpy() for c in color])))
+    seen = set(np.concatenate([light.obs[c].to_numpy() for c in color]))
+    categories = sorted(seen - {UNASSIGNED}) + ([UNASSIGNED] if UNASSIGNED in seen else [])
     colors = _palette(categories)
     fig = Figure(figsize=(5.5 * len(color), 4.5), layout="constrained")
     axes = fig.subplots(1, len(color), squeeze=False)[0]
