@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, adjusted_rand_score, f1_score
 from canal import metrics, pl
 from canal.cli import main
 from canal.metrics import UNASSIGNED
-
+from tests.pancreas import NOVEL, novel_split
 
 
 def _annotated(n: int = 60, seed: int = 0) -> ad.AnnData:
@@ -106,3 +106,31 @@ def test_cli_evaluate_writes_metrics_and_plots(tmp_path, capsys):
         assert (out / name).stat().st_size > 1000, name
     assert main(["evaluate", "--pred", str(path), "--truth", "nope"]) == 2
     assert "not in adata.obs" in capsys.readouterr().err
+
+
+def test_cli_predict_then_evaluate(data_root, tmp_path, capsys):
+    split = novel_split(data_root)
+    split.model.save(tmp_path / "ckpt")
+    data, pred = tmp_path / "test.h5ad", tmp_path / "pred.h5ad"
+    split.test.write_h5ad(data)
+    assert main(["--quiet", "predict", "--model", str(tmp_path / "ckpt"), "--data", str(data),
+                 "--out", str(pred), "--batch-size", "32"]) == 0
+    assert "Unassigned" in capsys.readouterr().out
+    res = ad.read_h5ad(pred)
+    expected = split.model.predict(split.test, inplace=False)
+    assert (res.obs["canal"].astype(str) == expected["canal"].astype(str)).all()
+    assert res.obsm["X_canal"].shape == (split.test.n_obs, split.model.net.config.rep_dim)
+    assert res.uns["canal"]["params"]["batch_size"] == 32
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--truth", "cell_type", "--novel-types", NOVEL,
+                 "--out", str(out), "--umap-cells", "0"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    direct = metrics.novel_scores(split.test.obs["cell_type"], expected["canal"],
+                                  novel_types=NOVEL)
+    assert report["metrics"]["h_score"] == pytest.approx(direct["h_score"])
+    assert report["params"]["novelty"] == "energy"
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "novelty.png"}
+    # the input file is never overwritten
+    assert main(["predict", "--model", str(tmp_path / "ckpt"), "--data", str(data), "--out",
+                 str(data)]) == 2
