@@ -4,7 +4,8 @@ A stream is described in TOML (see ``src/canal/configs/*.toml``)::
 
     name = "pancreas"
     [model]
-    init = "pretrained"          # or "random" (HVG panel from the stages), or a checkpoint path
+    init = "pretrained"          # or "random" (HVG panel from the stages; n_genes, size =
+                                 # "default"/"paper" and ModelConfig fields), or a checkpoint
     [train]                      # any canal.train.StageConfig field
     strategy = "canal"
     epochs = 15
@@ -181,8 +182,9 @@ def _init_model(cfg: StreamConfig, stages: list, *, seed: int) -> Annotator:
     if init == "random":
         size = cfg.model.get("size", "default")
         mc = ModelConfig.paper() if size == "paper" else ModelConfig()
-        return Annotator.create(stages, n_genes=int(cfg.model.get("n_genes", 1000)),
-                                config=mc.replace(seed=seed))
+        sizes = {f.name for f in fields(ModelConfig)} - {"n_genes", "seed"}
+        mc = mc.replace(seed=seed, **{k: v for k, v in cfg.model.items() if k in sizes})
+        return Annotator.create(stages, n_genes=int(cfg.model.get("n_genes", 1000)), config=mc)
     return Annotator.from_pretrained(init)
 
 
