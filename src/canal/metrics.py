@@ -32,6 +32,7 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "confusion",
+    "evaluate",
     "forgetting",
     "macro_f1",
     "novel_scores",
@@ -306,6 +307,42 @@ def summarize(y_true: Any, y_pred: Any, *, novel_types: Iterable[str] | str = ()
     out["ari"] = ari(t, p)
     out["n_cells"] = int(t.shape[0])
     out.update(extra)
+    return out
+
+
+def evaluate(adata, *, truth: str = "cell_type", key: str = "canal",
+             novel_types: Iterable[str] | str = ()) -> dict[str, Any]:
+    """:func:`summarize` of the predictions stored in an AnnData by ``Annotator.predict``.
+
+    Parameters
+    ----------
+    adata
+        Annotated cells (in memory or backed).
+    truth
+        ``adata.obs`` column with the true labels.
+    key
+        ``key_added`` of the prediction: the calls are ``adata.obs[key]``.
+    novel_types
+        True labels of cell types the model has never seen (see :func:`summarize`).
+
+    Returns
+    -------
+    dict
+        The keys of :func:`summarize`, plus ``n_unassigned`` (cells called
+        :data:`UNASSIGNED`).
+    """
+    for col, what, fix in ((truth, "truth", "--truth / truth="), (key, "prediction",
+                                                                  "--key / key=")):
+        if col not in adata.obs:
+            raise KeyError(f"{what} column {col!r} not in adata.obs (columns: "
+                           f"{list(adata.obs.columns)}); pass {fix}")
+    y_true = adata.obs[truth]
+    if y_true.isna().any():
+        raise ValueError(f"{int(y_true.isna().sum())} cells have no label in obs[{truth!r}]; "
+                         "drop them before evaluating")
+    y_pred = adata.obs[key].astype(str).to_numpy()
+    out = summarize(y_true.astype(str).to_numpy(), y_pred, novel_types=novel_types)
+    out["n_unassigned"] = int((y_pred == UNASSIGNED).sum())
     return out
 
 

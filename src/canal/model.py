@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
-from canal import distributed, io, novelty, pp
+from canal import annotate, distributed, io, novelty, pp
 from canal._settings import settings
 from canal.continual import Distiller, ExampleBank
 from canal.data import CellData, concat, encode_labels, read_labels
@@ -249,8 +250,118 @@ class Annotator:
                 result.representations, result.logits,
                 lambda h: head.classify(h.to(dev)).float().cpu(),
                 generator=torch.Generator().manual_seed(config.seed))
+        self.meta["novelty"].update(seed=config.seed, stage=stage)
         self.stage = stage
         self.history.append({"stage": stage, "config": config.to_dict(), "n_cells": new.n_cells,
                              "n_replayed": data.n_cells - new.n_cells, "new_types": new_types,
                              "cell_types": list(self.cell_types), **result.history})
         return self
+
+    # ---------------------------------------------------------------------------------------
+    # prediction and novelty calibration (see canal.annotate)
+    # ---------------------------------------------------------------------------------------
+
+    def calibrate_novelty(self, data, *, batch_size: int = 64, seed: int = 0,
+                          temperature: float = annotate.TEMPERATURE,
+                          **prepare_kwargs) -> dict[str, Any]:
+        """Calibrate the non-transductive novelty score on reference cells.
+
+        Parameters
+        ----------
+        data
+            Reference cells: an AnnData (e.g. the training data or ``self.bank``) or a
+            :class:`~canal.data.CellData` already on the panel.
+        batch_size
+            Cells per forward pass.
+        seed
+            Seed of the mixup generator (the result is deterministic).
+        temperature
+            Energy temperature.
+        **prepare_kwargs
+            Passed to :meth:`prepare` for AnnData input (``layer``, ``orthologs``, ...).
+
+        Returns
+        -------
+        The calibration dict (see :func:`canal.annotate.calibration`), also stored as
+        ``self.meta["novelty"]`` and saved with the checkpoint; used by
+        ``predict(..., novelty="calibrated")``.
+        """
+        if not isinstance(data, CellData):
+            data = self.prepare(data, **prepare_kwargs)
+        cal = annotate.calibration(self.net, data, batch_size=batch_size, seed=seed,
+                                   temperature=temperature)
+        cal["stage"] = self.stage
+        self.meta["novelty"] = cal
+        return cal
+
+    def predict(
+        self,
+        adata,
+        *,
+        key_added: str = "canal",
+        novelty: Literal["energy", "calibrated", "none"] = "energy",
+        batch_size: int = 64,
+        precision: Literal["fp32", "bf16"] = "fp32",
+        inplace: bool = True,
+        layer: str | None = None,
+        case_insensitive: bool = False,
+        orthologs: bool | str = False,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> pd.DataFrame | None:
+        """Annotate cells with the known cell types, calling novel cells ``Unassigned``.
+
+        Cells are streamed in batches (backed AnnData works; memory stays bounded).
+
+        Parameters
+        ----------
+        adata
+            Cells to annotate: raw counts or log-normalized (detected, never normalized twice),
+            in memory or opened with ``backed="r"``. Genes are matched by symbol to the panel.
+        key_added
+            Prefix of the fields written.
+        novelty
+            ``"energy"``: CANAL's transductive mode, scores normalised over the cells given and
+            a mixup threshold from their representations (seeded, deterministic).
+            ``"calibrated"``: the bounds and threshold stored by :meth:`calibrate_novelty`, so a
+            cell's result does not depend on the other cells. ``"none"``: no ``Unassigned``.
+            ``"energy"`` on a single cell falls back to ``"calibrated"`` when the model is
+            calibrated, else raises a ValueError.
+        batch_size
+            Cells per forward pass; results do not depend on it.
+        precision
+            ``"bf16"`` autocasts the matrix products (faster on CPUs with bf16 support and on
+            GPUs); ``"fp32"`` is exact.
+        inplace
+            Write into ``adata``; with ``False`` return a DataFrame and leave ``adata`` as is.
+        layer
+            Read expression from ``adata.layers[layer]`` instead of ``adata.X``.
+        case_insensitive, orthologs
+            Gene matching across case / species (see :func:`canal.pp.align_genes`).
+        seed
+            Seed of the ``"energy"`` mode's mixup.
+        device
+            Torch device; ``None`` uses ``canal.settings.device``.
+
+        Returns
+        -------
+        With ``inplace=True`` nothing; sets ``adata.obs[key_added]`` (categorical: the cell-type
+        library plus ``"Unassigned"``), ``adata.obs[f"{key_added}_confidence"]`` (float32,
+        largest probability), ``adata.obs[f"{key_added}_novelty"]`` (float32 novelty score,
+        NaN with ``novelty="none"``), ``adata.obsm[f"X_{key_added}"]`` (float32
+        representation), ``adata.obsm[f"{key_added}_probabilities"]`` (DataFrame, one column per
+        known type) and ``adata.uns[key_added]["params"]`` (novelty mode, threshold,
+        temperature, genes found, stage, batch size, precision). With ``inplace=False`` a
+        DataFrame indexed by ``adata.obs_names`` with the three obs columns and one probability
+        column per known type.
+        """
+        result = annotate.annotate(
+            self.net, adata, self.genes, self.cell_types, novelty=novelty,
+            calibration=self.meta.get("novelty"), batch_size=batch_size, precision=precision,
+            layer=layer, case_insensitive=case_insensitive, orthologs=orthologs, seed=seed,
+            device=device)
+        result.params["stage"] = self.stage
+        if not inplace:
+            return annotate.results_frame(result, adata.obs_names, key_added=key_added)
+        annotate.write_results(adata, result, key_added=key_added)
+        return None

@@ -271,6 +271,27 @@ def _select_columns(block: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_ma
     return out
 
 
+def panel_alignment(
+    adata,
+    genes: Sequence[str],
+    *,
+    case_insensitive: bool = False,
+    orthologs: bool | str | Path | pd.DataFrame = False,
+    min_overlap: float = 0.2,
+) -> GeneAlignment:
+    """Where the model's genes sit in ``adata``'s columns (see :func:`align_genes`).
+
+    ``orthologs`` is ``True`` (the shared human/mouse table), a path to such a table, or the
+    table itself; ``False`` matches symbols directly.
+    """
+    table = None
+    if orthologs is not False and orthologs is not None:
+        table = orthologs if isinstance(orthologs, pd.DataFrame) else _orthologs(
+            None if orthologs is True else orthologs)
+    return align_genes(adata.var_names, genes, case_insensitive=case_insensitive,
+                       orthologs_table=table, min_overlap=min_overlap)
+
+
 def iter_panel_blocks(
     adata,
     genes: Sequence[str],
@@ -280,11 +301,13 @@ def iter_panel_blocks(
     case_insensitive: bool = False,
     orthologs: bool | str | Path | pd.DataFrame = False,
     min_overlap: float = 0.2,
+    alignment: GeneAlignment | None = None,
 ) -> Iterator[sp.csr_matrix]:
     """Stream log-normalized expression on the model's gene panel, ``chunk_size`` cells at a time.
 
     Works for in-memory (dense or sparse) and backed AnnData. Library sizes use all of the
-    file's genes, before the panel is selected.
+    file's genes, before the panel is selected. Pass a precomputed ``alignment`` (from
+    :func:`panel_alignment`) to skip matching the genes again.
     """
     check_adata(adata)
     kind = detect_input(adata, layer=layer)
@@ -292,12 +315,12 @@ def iter_panel_blocks(
         logger.warning("expression is non-integer but not log-transformed (TPM/CPM-like); "
                        "normalizing each cell to 1e4 and applying log1p")
     logger.info("input detected as %s", kind)
-    table = None
-    if orthologs is not False and orthologs is not None:
-        table = orthologs if isinstance(orthologs, pd.DataFrame) else _orthologs(
-            None if orthologs is True else orthologs)
-    alignment = align_genes(adata.var_names, genes, case_insensitive=case_insensitive,
-                            orthologs_table=table, min_overlap=min_overlap)
+    if alignment is None:
+        alignment = panel_alignment(adata, genes, case_insensitive=case_insensitive,
+                                    orthologs=orthologs, min_overlap=min_overlap)
+    elif alignment.n_panel != len(genes) or len(alignment.source_index) != len(genes):
+        raise ValueError(f"alignment is for {alignment.n_panel} genes, the panel has "
+                         f"{len(genes)}; recompute it with pp.panel_alignment(adata, genes)")
     for block, _ in _iter_blocks(adata, layer=layer, chunk_size=chunk_size):
         yield _select_columns(normalize_block(block, kind), alignment)
 

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from canal.cli import main
+from canal.stream import StreamConfig, run_stream
+
+TINY_STREAM = """
+name = "tiny"
+holdout = 0.25
+[model]
+init = "random"
+n_genes = 150
+dim = 16
+depth = 2
+heads = 2
+dim_head = 8
+head_hidden = 32
+rep_dim = 16
+[train]
+epochs = 3
+lr = 3e-3
+bank_size = 60
+[[stages]]
+file = "pancreas/baron_human.h5ad"
+where = { batch = ["human1"] }
+types = ["alpha", "beta", "ductal"]
+[[stages]]
+file = "pancreas/baron_human.h5ad"
+where = { batch = ["human2"] }
+types = ["beta", "delta", "acinar"]
+[[tests]]
+name = "human4"
+file = "pancreas/baron_human.h5ad"
+where = { batch = ["human4"] }
+types = ["alpha", "beta", "ductal", "delta", "acinar", "gamma"]
+"""
+
+
+def test_tiny_stream_writes_results(tmp_path, data_root):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_STREAM)
+    res = run_stream(cfg, out_dir=tmp_path / "out", root=data_root)
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["name"] == "tiny" and len(saved["stages"]) == 2
+    R = pd.read_csv(out / "accuracy_matrix.csv", index_col=0)
+    assert R.shape == (2, 2) and pd.isna(R.iloc[0, 1]) and R.notna().iloc[1].all()
+    assert res["backward_transfer"] == R.iloc[1, 0] - R.iloc[0, 0]
+    # gamma never trained, acinar left out (< 10 cells in human2): novel types of the test set
+    final = res["final"][0]
+    assert final["novel_types"] == ["acinar", "gamma"] and 0 <= final["h_score"] <= 1
+    assert (out / "accuracy_matrix.png").stat().st_size > 0
+    assert (out / "test_accuracy.png").exists() and (out / "test_human4.csv").exists()
+
+
+def test_shipped_configs_parse():
+    for name in ("pancreas", "immune", "novel_pancreas", "novel_immune", "cross_species"):
+        cfg = StreamConfig.from_toml(name)
+        assert cfg.stages and cfg.tests
+    assert StreamConfig.from_toml("cross_species").tests[-1].orthologs
+
+
+def test_cli_stream(tmp_path, data_root, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_STREAM.replace("epochs = 3", "epochs = 1"))
+    assert main(["--quiet", "stream", str(cfg), "--out", str(tmp_path / "o"), "--data-dir",
+                 str(data_root), "--strategy", "naive"]) == 0
+    text = capsys.readouterr().out
+    assert "| human4 |" in text and "backward transfer" in text
