@@ -312,6 +312,11 @@ def _reexec_with_tcmalloc() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "canal", *sys.argv[1:]], env)
 
 
+#: Subcommands that run under ``torchrun`` (the others would repeat their work and race on
+#: their outputs in every process).
+DISTRIBUTED_COMMANDS = ("init", "fit")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``canal`` command line; returns the exit code.
 
@@ -331,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.progress = False
     if args.device:
         settings.device = args.device
+    if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+        print(f"canal {args.command}: error: it runs in one process; start it without torchrun "
+              f"(data-parallel: {', '.join(DISTRIBUTED_COMMANDS)})", file=sys.stderr)
+        return 2
     with distributed.session():
         if not distributed.is_main():
             settings.verbosity = "warning"
