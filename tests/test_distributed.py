@@ -160,3 +160,10 @@ def test_torchrun_fit_matches_single_process(stage_files, tmp_path):
     truth = dict(zip(cells.obs_names, labels, strict=True))
     assert all(truth[c] == t for c, t in zip(model.bank.obs["cell"], model.bank.obs["cell_type"],
                                              strict=True))
+
+
+def test_cli_refuses_commands_that_are_not_data_parallel(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["predict", "--model", str(tmp_path), "--data", "x.h5ad", "--out", "y.h5ad"])
+    assert code == 2
+    assert "without torchrun" in capsys.readouterr().err
