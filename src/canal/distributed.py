@@ -276,7 +276,7 @@ def shard(indices: np.ndarray, *, seed: int, pad: bool = True, rank: int | None 
 
     Returns
     -------
-    This rank's indices, sorted (the training loop shuffles them every epoch).
+    This rank's indices, sorted, then padded (the training loop shuffles them every epoch).
     """
     indices = np.asarray(indices)
     r = _rank() if rank is None else int(rank)
