@@ -365,3 +365,82 @@ class Annotator:
             return annotate.results_frame(result, adata.obs_names, key_added=key_added)
         annotate.write_results(adata, result, key_added=key_added)
         return None
+
+    # ---------------------------------------------------------------------------------------
+    # interpretability (see canal.explain)
+    # ---------------------------------------------------------------------------------------
+
+    def gene_importance(
+        self,
+        adata,
+        *,
+        groupby: str | None = "cell_type",
+        n_top: int | None = 20,
+        method: Literal["integrated_gradients", "grad_x_input"] = "integrated_gradients",
+        steps: int = 8,
+        batch_size: int = 16,
+        key_added: str = "canal_gene_importance",
+        layer: str | None = None,
+        case_insensitive: bool = False,
+        orthologs: bool | str = False,
+        device: str | torch.device | None = None,
+    ) -> pd.DataFrame:
+        """Which genes drive each cell type: per-type mean attribution of the type's logit.
+
+        Each cell's own-type logit is attributed to its expressed genes relative to the same
+        cell with no expression (every gene in bin 0), by integrated gradients (or gradient x
+        input) on the expression-token embeddings; see :mod:`canal.explain`. Deterministic.
+
+        Parameters
+        ----------
+        adata
+            Cells (raw counts or log-normalized); genes are matched to the panel by symbol.
+        groupby
+            Column of ``adata.obs`` with the cell types to explain; cells of types the model
+            does not know are left out. ``None`` (or a column that does not exist) explains
+            the model's own predictions (argmax, no novelty detection).
+        n_top
+            Genes per type in the returned table (``None``: all).
+        method
+            ``"integrated_gradients"`` (``steps`` forward/backward passes per cell) or
+            ``"grad_x_input"`` (one).
+        steps
+            Integration points of integrated gradients.
+        batch_size
+            Cells per forward/backward pass; results do not depend on it.
+        key_added
+            Key in ``adata.uns``.
+        layer, case_insensitive, orthologs
+            How expression is read and genes matched (see :meth:`prepare`).
+        device
+            Torch device; ``None`` uses ``canal.settings.device``.
+
+        Returns
+        -------
+        A tidy DataFrame with columns ``type``, ``rank``, ``gene``, ``score`` (each type's
+        ``n_top`` genes, best first). Sets ``adata.uns[key_added]``: ``scores`` (genes x types
+        float32 array), ``genes``, ``types``, ``n_cells`` (cells per type) and ``params``
+        (method, steps, groupby, timing, stage); read it back with
+        ``canal.explain.GeneImportance.from_uns(adata.uns[key_added])``.
+        """
+        from canal import explain
+
+        if not self.cell_types:
+            raise ValueError("the model has no cell types yet; fine-tune it with fit_stage first")
+        data = self.prepare(adata, layer=layer, case_insensitive=case_insensitive,
+                            orthologs=orthologs)
+        if groupby is not None and groupby in adata.obs:
+            labels = read_labels(adata, groupby).to_numpy()
+        else:
+            if groupby is not None:
+                logger.warning("obs[%r] not found; explaining the model's own predictions",
+                               groupby)
+            _, logits = self.outputs(data, batch_size=max(batch_size, 64), device=device)
+            labels = np.asarray(self.cell_types)[logits.argmax(1).numpy()]
+            groupby = "prediction"
+        result = explain.gene_importance(self.net, data, labels, genes=self.genes,
+                                         cell_types=self.cell_types, method=method, steps=steps,
+                                         batch_size=batch_size, device=device, groupby=groupby)
+        result.params["stage"] = self.stage
+        adata.uns[key_added] = result.to_uns()
+        return result.top(n_top)

@@ -21,7 +21,8 @@ from canal.metrics import UNASSIGNED
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["accuracy_matrix", "confusion", "novelty_hist", "stream_accuracy", "umap"]
+__all__ = ["accuracy_matrix", "confusion", "gene_importance_heatmap", "novelty_hist",
+           "stream_accuracy", "umap"]
 
 _UNASSIGNED_COLOR = "#bdbdbd"
 
@@ -254,3 +255,54 @@ def stream_accuracy(table: pd.DataFrame, *, metric: str = "accuracy",
     ax.set_xticks(sorted(table["stage"].unique()))
     ax.legend(fontsize=8, frameon=False)
     return ax.figure
+
+
+def gene_importance_heatmap(table: pd.DataFrame, *, n_top: int = 5) -> Figure:
+    """Heatmap of each cell type's most important genes (rows) across all types (columns).
+
+    Parameters
+    ----------
+    table
+        Genes x types scores (``canal.explain.GeneImportance.scores``, or a GeneImportance), or
+        the tidy ``type, rank, gene, score`` table from ``Annotator.gene_importance`` (genes
+        outside a type's listed top genes are then left blank).
+    n_top
+        Genes shown per type; rows are grouped by the type that ranks them first.
+
+    Returns
+    -------
+    The Figure. Each column is divided by its largest absolute score, so colours compare genes
+    within a type (attributions of different types' logits have different scales); dots mark
+    a type's own top genes.
+    """
+    scores = getattr(table, "scores", table)
+    if not isinstance(scores, pd.DataFrame) or scores.empty:
+        raise ValueError("pass the gene-importance scores (genes x types DataFrame) or the tidy "
+                         "table from Annotator.gene_importance")
+    if {"type", "gene", "score"} <= set(scores.columns):
+        scores = scores.pivot_table(index="gene", columns="type", values="score",
+                                    aggfunc="first", sort=False)
+    types = [str(t) for t in scores.columns]
+    genes: list[str] = []
+    own: list[tuple[int, int]] = []
+    for j, t in enumerate(scores.columns):
+        col = scores[t].to_numpy(dtype=float)
+        order = np.argsort(-np.nan_to_num(col, nan=-np.inf), kind="stable")[:n_top]
+        for i in order:
+            gene = str(scores.index[i])
+            if gene not in genes:
+                genes.append(gene)
+            own.append((genes.index(gene), j))
+    values = scores.loc[genes].to_numpy(dtype=float)
+    scale = np.nanmax(np.abs(scores.to_numpy(dtype=float)), axis=0)
+    values = values / np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    fig = Figure(figsize=(2.2 + 0.5 * len(types), 1.4 + 0.2 * len(genes)), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    rows, cols = zip(*own, strict=True) if own else ((), ())
+    ax.scatter(cols, rows, s=6, c="black", marker="o")
+    ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+    ax.set_yticks(range(len(genes)), genes, fontsize=7)
+    ax.set_xlabel("cell type")
+    fig.colorbar(im, ax=ax, label="importance / type's largest", shrink=0.6)
+    return fig
