@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from canal import annotate, io, pp
+from canal import annotate, io, novelty, pp
 from canal._settings import settings
-from canal.data import CellData
+from canal.continual import Distiller, ExampleBank
+from canal.data import CellData, concat, encode_labels, read_labels
 from canal.nn import CanalNet, ModelConfig
+from canal.train import StageConfig, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,86 @@ class Annotator:
             return rep
         adata.obsm[key_added] = rep
         return None
+
+    # ---------------------------------------------------------------------------------------
+    # continual fine-tuning
+    # ---------------------------------------------------------------------------------------
+
+    def fit_stage(self, adata, *, labels_key: str = "cell_type",
+                  config: StageConfig | None = None, layer: str | None = None,
+                  case_insensitive: bool = False, orthologs=False,
+                  device: str | torch.device | None = None) -> Annotator:
+        """Fine-tune on one labelled dataset (a stage), keeping what earlier stages taught.
+
+        New cell types grow the classifier (known rows keep their weights); types absent from
+        this stage stay in the library. Depending on ``config.strategy``, cells from the example
+        bank are replayed and the representation is distilled from the previous stage's model.
+        Afterwards the bank is refilled, the novelty threshold is calibrated on the training
+        cells (``meta["novelty"]``), the stage counter advances and the history grows.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells (raw counts or log-normalized), any genes: they are aligned to the
+            model's gene panel.
+        labels_key
+            Column of ``adata.obs`` holding the cell types.
+        config
+            Stage hyper-parameters (:class:`canal.train.StageConfig`).
+
+        Returns
+        -------
+        The annotator itself, trained.
+        """
+        config = config or StageConfig()
+        labels = read_labels(adata, labels_key)
+        new_types = sorted(set(labels) - set(self.cell_types))
+        n_old = len(self.cell_types)
+        distiller = None
+        if config.uses_distillation:
+            distiller = Distiller(config.distill_weight)
+            distiller.snapshot(self.net, n_old_types=n_old)
+        gen = torch.Generator().manual_seed(config.seed)
+        new = self.prepare(adata, layer=layer, case_insensitive=case_insensitive,
+                           orthologs=orthologs)
+        self.net.head.grow(len(new_types), generator=gen)
+        self.cell_types += new_types
+        new.labels = encode_labels(labels, self.cell_types, key=labels_key)
+        stage = self.stage + 1
+        parts, stages = [new], [np.full(new.n_cells, stage)]
+        names = [np.asarray(adata.obs_names, dtype=str)]
+        if config.uses_replay and self.bank is not None and self.bank.n_obs:
+            old = ExampleBank.from_anndata(self.bank)
+            parts.append(CellData(old.X, encode_labels(old.labels, self.cell_types)))
+            stages.append(old.obs["stage"].to_numpy())
+            names.append(old.obs["cell"].to_numpy(dtype=str))
+        data = concat(parts)
+        logger.info("stage %d: %d new cells, %d replayed, %d new types %s", stage, new.n_cells,
+                    data.n_cells - new.n_cells, len(new_types), new_types)
+        result = run_stage(self.net, data, config=config, distiller=distiller,
+                           device=settings.torch_device(device))
+        head = self.net.head
+        weight = head.classifier.weight.detach().float().cpu()
+        if config.uses_replay:  # other strategies leave the bank as it was
+            bank = ExampleBank(None if config.keeps_all else config.bank_size,
+                               prototype=config.prototype)
+            bank.update(data.X, np.asarray(self.cell_types)[data.labels], result.representations,
+                        library=self.cell_types, classifier_weight=weight,
+                        stage=np.concatenate(stages), cell_names=np.concatenate(names))
+            self.bank = bank.to_anndata(self.genes)
+        dev = next(head.parameters()).device
+        with torch.no_grad():
+            head.eval()
+            self.meta["novelty"] = novelty.calibrate(
+                result.representations, result.logits,
+                lambda h: head.classify(h.to(dev)).float().cpu(),
+                generator=torch.Generator().manual_seed(config.seed))
+        self.meta["novelty"].update(seed=config.seed, stage=stage)
+        self.stage = stage
+        self.history.append({"stage": stage, "config": config.to_dict(), "n_cells": new.n_cells,
+                             "n_replayed": data.n_cells - new.n_cells, "new_types": new_types,
+                             "cell_types": list(self.cell_types), **result.history})
+        return self
 
     # ---------------------------------------------------------------------------------------
     # prediction and novelty calibration (see canal.annotate)

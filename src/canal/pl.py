@@ -21,7 +21,7 @@ from canal.metrics import UNASSIGNED
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["confusion", "novelty_hist", "umap"]
+__all__ = ["accuracy_matrix", "confusion", "novelty_hist", "stream_accuracy", "umap"]
 
 _UNASSIGNED_COLOR = "#bdbdbd"
 
@@ -224,3 +224,33 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
     ax.set_ylabel("cells")
     ax.legend(fontsize=7, frameon=False)
     return ax
+
+
+def accuracy_matrix(R: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
+    """Heatmap of a stream's accuracy matrix (rows: after stage t; columns: stage j's cells)."""
+    ax = _new_axes(ax, (1.2 + 0.9 * R.shape[1], 1.0 + 0.7 * R.shape[0]))
+    values = R.to_numpy(dtype=float)
+    im = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center",
+                    color="white" if v < 0.6 else "black", fontsize=9)
+    ax.set_xticks(range(R.shape[1]), [str(c) for c in R.columns])
+    ax.set_yticks(range(R.shape[0]), [f"after stage {i}" for i in R.index])
+    ax.set_xlabel("held-out cells of")
+    ax.figure.colorbar(im, ax=ax, label="accuracy")
+    return ax.figure
+
+
+def stream_accuracy(table: pd.DataFrame, *, metric: str = "accuracy",
+                    ax: Axes | None = None) -> Figure:
+    """One line per test set: ``metric`` after each stage (``table`` has stage, test, metric)."""
+    ax = _new_axes(ax, (5.5, 3.5))
+    for name, sub in table.groupby("test", sort=False):
+        ax.plot(sub["stage"], sub[metric], marker="o", label=str(name))
+    ax.set_xlabel("stage")
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(sorted(table["stage"].unique()))
+    ax.legend(fontsize=8, frameon=False)
+    return ax.figure

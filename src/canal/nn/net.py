@@ -108,7 +108,7 @@ class ClassifierHead(nn.Module):
         self.fc1 = nn.Linear(seq_len, hidden)
         self.fc2 = nn.Linear(hidden, rep_dim)
         self.dropout = nn.Dropout(dropout)
-        self.act = nn.ReLU()
+        self.act = nn.GELU()
         self.classifier = nn.Linear(rep_dim, max(n_classes, 1))
         if n_classes == 0:
             self.classifier.weight = nn.Parameter(self.classifier.weight[:0].detach().clone())
@@ -120,7 +120,7 @@ class ClassifierHead(nn.Module):
         return self.classifier.out_features
 
     def represent(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.act(self.gene_proj(h).squeeze(-1))
+        z = self.gene_proj(h).squeeze(-1)
         z = self.dropout(self.act(self.fc1(z)))
         return self.act(self.fc2(z))
 

@@ -1,0 +1,263 @@
+"""Training and inference throughput of canal's models on this machine.
+
+Prints one table and writes JSON. For the CPU default model and the paper-size model (dim 200,
+depth 6, 10 heads, 1,000 genes + 1 token) it measures, on real Baron pancreas cells:
+
+- inference cells/s: one cell per forward pass (the original CANAL path) vs batches, fp32 vs
+  bf16 autocast, and the agreement of bf16 predictions with fp32;
+- training cells/s for one epoch of a stage: every layer recomputed each step (no cache), vs the
+  frozen-prefix cache computed once per stage; fp32 vs bf16;
+- the teacher's cost per batch that computing its representations once per stage saves;
+- the data path (slice the sparse matrix + bin into tokens) as a share of a training step;
+- the achieved share of this machine's matmul peak (2048 x 2048 matmul, measured in this run);
+- peak RSS of the process.
+
+Run: ``python benchmarks/speed.py [--quick] [--device cuda] [--out speed.json]``. On a GPU
+machine pass ``--device cuda``. For the allocator effect, run it once with and once without
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`` (the ``canal`` command
+preloads it by itself when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+import canal
+from canal import Annotator, ModelConfig
+from canal.continual import Distiller
+from canal.data import CellData
+from canal.train import StageConfig, run_stage, set_trainable, trainable_start
+
+canal.settings.progress = False
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_gflop(c: ModelConfig) -> float:
+    """Multiply-adds x 2 of one cell's forward pass (encoder + head), in GFLOP."""
+    n, d, inner = c.seq_len, c.dim, c.heads * c.dim_head
+    m = c.nb_features or int(c.dim_head * np.log(c.dim_head))
+    per_layer = (
+        2 * n * d * inner * 3  # q, k, v
+        + 2 * 2 * n * c.heads * m * c.dim_head  # random features of q and k
+        + 2 * 2 * n * c.heads * m * c.dim_head  # k^T v and q (k^T v)
+        + 2 * n * inner * d  # output projection
+        + 2 * 2 * n * d * d * c.ff_mult  # feed-forward
+    )
+    head = 2 * n * d + 2 * n * c.head_hidden + 2 * c.head_hidden * c.rep_dim
+    return (c.depth * per_layer + head) / 1e9
+
+
+def timed(fn, *, device: torch.device, min_seconds: float = 2.0) -> tuple[float, int]:
+    """Run ``fn`` repeatedly for at least ``min_seconds``; returns (seconds per call, calls)."""
+    fn()
+    _sync(device)
+    calls, t = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        _sync(device)
+        el = time.perf_counter() - t
+        if el >= min_seconds:
+            return el / calls, calls
+
+
+def inference(model: Annotator, data: CellData, *, batch: int, bf16: bool, device: torch.device,
+              n_cells: int, min_seconds: float) -> float:
+    net = model.net.to(device).eval()
+    idx = np.arange(min(n_cells, data.n_cells))
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            for s in range(0, len(idx), batch):
+                net(data.tokens(idx[s:s + batch]).to(device))
+
+    sec, _ = timed(run, device=device, min_seconds=min_seconds)
+    return len(idx) / sec
+
+
+def agreement(model: Annotator, data: CellData, device: torch.device) -> float:
+    net = model.net.to(device).eval()
+    preds = []
+    for bf16 in (False, True):
+        out = []
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            for _, tok in data.batches(64):
+                out.append(net(tok.to(device)).logits.float().argmax(1).cpu())
+        preds.append(torch.cat(out))
+    return float((preds[0] == preds[1]).float().mean())
+
+
+def training(model: Annotator, data: CellData, *, bf16: bool, cache: bool, device: torch.device,
+             batch: int) -> dict:
+    cfg = StageConfig(epochs=1, batch_size=batch, val_fraction=0.0, bank_size=10,
+                      precision="bf16" if bf16 else "fp32", cache_limit_gb=8.0 if cache else 0.0)
+    res = run_stage(model.net, data, config=cfg, device=device)
+    h = res.history
+    return {"epoch_seconds": h["train_seconds"] + h["cache_seconds"],
+            "cells_per_s_epoch": data.n_cells / (h["train_seconds"] + h["cache_seconds"]),
+            "cells_per_s_steps": h["train_cells_per_second"], "cache_seconds": h["cache_seconds"]}
+
+
+def data_path_share(model: Annotator, data: CellData, *, batch: int, device: torch.device,
+                    bf16: bool) -> dict:
+    idx = np.arange(min(data.n_cells, batch))
+    t_data, _ = timed(lambda: data.tokens(idx), device=device, min_seconds=1.0)
+    net = model.net.to(device)
+    set_trainable(net, "canal")
+    start = trainable_start(net, "canal")
+    with torch.no_grad():
+        hidden = net.encode(data.tokens(idx).to(device), stop=start)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    labels = torch.zeros(len(idx), dtype=torch.long, device=device)
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            out = net(hidden=hidden, start=start)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    t_step, _ = timed(step, device=device, min_seconds=2.0)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return {"data_seconds": t_data, "step_seconds": t_step, "share": t_data / (t_data + t_step)}
+
+
+def teacher_cost(model: Annotator, data: CellData, *, batch: int, device: torch.device,
+                 bf16: bool) -> dict:
+    d = Distiller(0.1)
+    d.snapshot(model.net, n_old_types=1)
+    idx = np.arange(min(data.n_cells, batch))
+    tokens = data.tokens(idx).to(device)
+    teacher = d.teacher.to(device)
+
+    def fwd():
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            teacher(tokens)
+
+    sec, _ = timed(fwd, device=device, min_seconds=1.0)
+    return {"teacher_seconds_per_batch": sec}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer cells, shorter timings")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", default="default,paper")
+    ap.add_argument("--out", default="benchmarks/results/speed.json")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    data_root = canal._settings.data_dir()
+    baron = ad.read_h5ad(data_root / "pancreas" / "baron_human.h5ad")
+    baron = baron[baron.obs["batch"] == "human1"]
+    labels_all = baron.obs["cell_type"].astype(str).to_numpy()
+    classes = sorted(set(labels_all))
+    tcmalloc = "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    print(f"device {device}, threads {torch.get_num_threads()}, tcmalloc {tcmalloc}; matmul peak "
+          f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+    results = {"device": str(device), "threads": torch.get_num_threads(), "tcmalloc": tcmalloc,
+               "matmul_gflops": peaks, "models": {}}
+    for size in args.sizes.split(","):
+        cfg = ModelConfig.paper() if size == "paper" else ModelConfig()
+        model = Annotator.create(baron, n_genes=1000, config=cfg)
+        model.net.head.grow(len(classes))
+        model.cell_types = classes
+        n_train = 64 if size == "paper" else 256
+        if args.quick:
+            n_train //= 2
+        data = model.prepare(baron[:n_train])
+        data.labels = np.asarray([classes.index(x) for x in labels_all[:n_train]])
+        gf = forward_gflop(cfg)
+        r: dict = {"gflop_per_cell_forward": gf}
+        min_s = 1.0 if args.quick else 3.0
+        n_inf = 16 if size == "paper" else 128
+        r["infer_batch1_fp32"] = inference(model, data, batch=1, bf16=False, device=device,
+                                           n_cells=min(n_inf, 16), min_seconds=min_s)
+        for bs in (16, 64):
+            for bf16 in (False, True):
+                key = f"infer_batch{bs}_{'bf16' if bf16 else 'fp32'}"
+                r[key] = inference(model, data, batch=bs, bf16=bf16, device=device,
+                                   n_cells=max(n_inf, bs), min_seconds=min_s)
+                print(f"  {size} {key}: {r[key]:.1f} cells/s", flush=True)
+        r["bf16_agreement"] = agreement(model, data, device)
+        for bf16 in (False, True):
+            for cache in (False, True):
+                key = f"train_{'cache' if cache else 'nocache'}_{'bf16' if bf16 else 'fp32'}"
+                r[key] = training(model, data, bf16=bf16, cache=cache, device=device, batch=32)
+                print(f"  {size} {key}: {r[key]['cells_per_s_epoch']:.1f} cells/s", flush=True)
+        base = training(model, data, bf16=False, cache=False, device=device, batch=14)
+        r["train_canal_original_batch14_fp32"] = base
+        r["data_path"] = data_path_share(model, data, batch=32, device=device, bf16=True)
+        r["teacher"] = teacher_cost(model, data, batch=32, device=device, bf16=True)
+        best_inf = max(r[k] for k in r if k.startswith("infer_batch64"))
+        r["infer_speedup_vs_batch1_fp32"] = best_inf / r["infer_batch1_fp32"]
+        r["train_speedup_vs_nocache_fp32_batch14"] = (
+            r["train_cache_bf16"]["cells_per_s_epoch"] / base["cells_per_s_epoch"])
+        r["infer_share_of_peak_fp32"] = r["infer_batch64_fp32"] * gf / peaks["fp32"]
+        r["infer_share_of_peak_bf16"] = r["infer_batch64_bf16"] * gf / peaks["bf16"]
+        results["models"][size] = r
+    results["peak_rss_gb"] = peak_rss_gb()
+    _print_table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written {out}")
+    return 0
+
+
+def _print_table(res: dict) -> None:
+    print("\n| model | GFLOP/cell | infer b1 fp32 | infer b64 fp32 | infer b64 bf16 | bf16 agree "
+          "| % peak fp32/bf16 | train b14 no-cache fp32 | train no-cache fp32 | train cache fp32 "
+          "| train cache bf16 | infer x | train x | data path | teacher/batch s |")
+    print("|---" * 15 + "|")
+    for size, r in res["models"].items():
+        tr = {k: r[k]["cells_per_s_epoch"] for k in r if k.startswith("train_") and
+              isinstance(r[k], dict)}
+        print(f"| {size} | {r['gflop_per_cell_forward']:.2f} | {r['infer_batch1_fp32']:.1f} "
+              f"| {r['infer_batch64_fp32']:.1f} | {r['infer_batch64_bf16']:.1f} "
+              f"| {r['bf16_agreement']:.3f} | {100 * r['infer_share_of_peak_fp32']:.0f}% / "
+              f"{100 * r['infer_share_of_peak_bf16']:.0f}% "
+              f"| {tr['train_canal_original_batch14_fp32']:.1f} | {tr['train_nocache_fp32']:.1f} "
+              f"| {tr['train_cache_fp32']:.1f} | {tr['train_cache_bf16']:.1f} "
+              f"| {r['infer_speedup_vs_batch1_fp32']:.1f}x "
+              f"| {r['train_speedup_vs_nocache_fp32_batch14']:.1f}x "
+              f"| {100 * r['data_path']['share']:.1f}% | {r['teacher']['teacher_seconds_per_batch']:.3f} |")
+    print(f"peak RSS {res['peak_rss_gb']:.2f} GB; threads {res['threads']}; "
+          f"tcmalloc {res['tcmalloc']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

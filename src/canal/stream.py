@@ -1,0 +1,331 @@
+"""Experiment runner: fine-tune over a stream of stages, evaluate every test set after each stage.
+
+A stream is described in TOML (see ``src/canal/configs/*.toml``)::
+
+    name = "pancreas"
+    [model]
+    init = "pretrained"          # or "random" (HVG panel from the stages), or a checkpoint path
+    [train]                      # any canal.train.StageConfig field
+    strategy = "canal"
+    epochs = 15
+    [[stages]]
+    file = "pancreas/baron_human.h5ad"
+    where = { batch = ["human1"] }
+    types = ["acinar", "alpha", "beta", "delta", "ductal", "gamma"]
+    [[tests]]
+    name = "baron human4"
+    file = "pancreas/baron_human.h5ad"
+    where = { batch = ["human4"] }
+
+Each stage keeps ``holdout`` (default 20%, stratified, seeded) of its cells aside: the accuracy
+matrix ``R[t, j]`` is the (closed-set) accuracy after stage ``t`` on stage ``j``'s held-out
+cells, from which average accuracy and backward transfer (forgetting) follow. Test sets are
+annotated after every stage with novelty detection; true types missing from the model's library
+at that point count as novel (known/unknown accuracy and H-score).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from canal import metrics
+from canal._settings import data_dir, settings
+from canal.model import Annotator
+from canal.nn import ModelConfig
+from canal.train import StageConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).parent / "configs"
+MIN_CELLS_PER_TYPE = 10
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Cells taken from one file: obs filters, type filters and an optional stratified part."""
+
+    file: str
+    name: str = ""
+    where: dict[str, list[str]] = field(default_factory=dict)
+    types: list[str] | None = None
+    exclude_types: list[str] = field(default_factory=list)
+    min_cells: int = 1
+    fraction: float | None = None
+    part: str = "first"  # "first": the `fraction` share; "rest": the other cells
+    split_seed: int = 0
+    orthologs: bool = False
+    labels_key: str = "cell_type"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, default_min_cells: int = 1) -> DataSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} in a stage/test entry; allowed: "
+                             f"{sorted(known)}")
+        d = {"min_cells": default_min_cells} | dict(d)
+        d["where"] = {k: [str(x) for x in (v if isinstance(v, list) else [v])]
+                      for k, v in d.get("where", {}).items()}
+        if "name" not in d:
+            d["name"] = Path(d["file"]).stem + "".join(
+                f" {k}={','.join(v)}" for k, v in d["where"].items())
+        return cls(**d)
+
+
+def stratified_part(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a stratified ``fraction`` of cells.
+
+    Uses ``sklearn.model_selection.train_test_split(..., stratify=labels, random_state=seed)``;
+    with ``fraction=0.8, seed=0`` on pbmc3k this is the immune experiment's 80% training part
+    (the complement of :func:`canal.datasets.pbmc3k_split`).
+    """
+    from sklearn.model_selection import train_test_split
+
+    first, _ = train_test_split(np.arange(len(labels)), train_size=fraction, stratify=labels,
+                                random_state=seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[first] = True
+    return mask
+
+
+def load_cells(spec: DataSpec, *, root: Path, cache: dict | None = None):
+    """Read and filter the cells a :class:`DataSpec` names (a new AnnData)."""
+    import anndata as ad
+
+    path = Path(spec.file)
+    if not path.is_absolute():
+        path = root / path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; pass --data-dir or set CANAL_DATA to the "
+                                "folder holding the shared data")
+    key = str(path)
+    if cache is not None and key in cache:
+        adata = cache[key]
+    else:
+        adata = ad.read_h5ad(path)
+        if cache is not None:
+            cache[key] = adata
+    mask = np.ones(adata.n_obs, dtype=bool)
+    for col, values in spec.where.items():
+        if col not in adata.obs:
+            raise KeyError(f"{spec.name}: obs column {col!r} not in {path.name} "
+                           f"({list(adata.obs.columns)})")
+        mask &= adata.obs[col].astype(str).isin(values).to_numpy()
+    labels = adata.obs[spec.labels_key].astype(str).to_numpy() \
+        if spec.labels_key in adata.obs else None
+    if spec.fraction is not None:
+        part = np.zeros(adata.n_obs, dtype=bool)
+        idx = np.flatnonzero(mask)
+        first = stratified_part(labels[idx], spec.fraction, spec.split_seed)
+        part[idx[first if spec.part == "first" else ~first]] = True
+        mask = part
+    if labels is not None:
+        if spec.types is not None:
+            mask &= np.isin(labels, spec.types)
+        if spec.exclude_types:
+            mask &= ~np.isin(labels, spec.exclude_types)
+        if spec.min_cells > 1:
+            counts = pd.Series(labels[mask]).value_counts()
+            mask &= np.isin(labels, counts.index[counts >= spec.min_cells])
+    if not mask.any():
+        raise ValueError(f"{spec.name}: the filters select no cells")
+    return adata[mask].copy()
+
+
+@dataclass
+class StreamConfig:
+    """A parsed stream: model initialisation, stage config, stages and test sets."""
+
+    name: str
+    stages: list[DataSpec]
+    tests: list[DataSpec]
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    holdout: float = 0.2
+    novelty: str = "energy"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> StreamConfig:
+        path = Path(path)
+        if not path.exists() and (CONFIGS / f"{path.stem}.toml").exists():
+            path = CONFIGS / f"{path.stem}.toml"
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as err:
+            names = sorted(p.stem for p in CONFIGS.glob("*.toml"))
+            raise FileNotFoundError(f"no stream config {path}; shipped configs: {names}") from err
+        stages = [DataSpec.from_dict(s, default_min_cells=MIN_CELLS_PER_TYPE)
+                  for s in raw.get("stages", [])]
+        tests = [DataSpec.from_dict(t) for t in raw.get("tests", [])]
+        if not stages:
+            raise ValueError(f"{path}: a stream needs at least one [[stages]] entry")
+        return cls(name=raw.get("name", Path(path).stem), stages=stages, tests=tests,
+                   model=raw.get("model", {}), train=raw.get("train", {}),
+                   holdout=float(raw.get("holdout", 0.2)),
+                   novelty=raw.get("novelty", "energy"))
+
+
+def _init_model(cfg: StreamConfig, stages: list, *, seed: int) -> Annotator:
+    init = cfg.model.get("init", "pretrained")
+    if init == "pretrained":
+        return Annotator.from_pretrained()
+    if init == "random":
+        size = cfg.model.get("size", "default")
+        mc = ModelConfig.paper() if size == "paper" else ModelConfig()
+        return Annotator.create(stages, n_genes=int(cfg.model.get("n_genes", 1000)),
+                                config=mc.replace(seed=seed))
+    return Annotator.from_pretrained(init)
+
+
+def _evaluate(model: Annotator, adata, spec: DataSpec, *, novelty: str) -> dict[str, Any]:
+    res = model.predict(adata, novelty=novelty, inplace=False, orthologs=spec.orthologs)
+    truth = adata.obs[spec.labels_key].astype(str).to_numpy()
+    pred = res["canal"].astype(str).to_numpy()
+    novel = sorted(set(truth) - set(model.cell_types))
+    out = metrics.summarize(truth, pred, novel_types=novel) if novel else \
+        metrics.summarize(truth, pred)
+    out["novel_types"] = novel
+    return out
+
+
+def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
+               root: str | Path | None = None, strategy: str | None = None,
+               seed: int = 0, epochs: int | None = None, plots: bool = True) -> dict[str, Any]:
+    """Run a stream and write ``results.json``, CSV tables and plots into ``out_dir``.
+
+    Parameters
+    ----------
+    config
+        A :class:`StreamConfig`, a TOML path, or a shipped config name (``"pancreas"``).
+    out_dir
+        Output folder (created).
+    root
+        Folder the config's relative ``file`` paths resolve against (default: the shared data
+        folder, ``$CANAL_DATA`` or ``../shared/data``).
+    strategy, seed, epochs
+        Override the config's ``[train]`` strategy, the seed and the epochs.
+
+    Returns
+    -------
+    The results dictionary (also written to ``out_dir/results.json``).
+    """
+    cfg = config if isinstance(config, StreamConfig) else StreamConfig.from_toml(config)
+    root = Path(root) if root is not None else data_dir()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = dict(cfg.train) | {"seed": seed}
+    if strategy is not None:
+        train["strategy"] = strategy
+    if epochs is not None:
+        train["epochs"] = epochs
+    stage_config = StageConfig(**train)
+    t0 = time.perf_counter()
+    cache: dict = {}
+    stage_train, stage_hold = [], []
+    for spec in cfg.stages:
+        cells = load_cells(spec, root=root, cache=cache)
+        labels = cells.obs[spec.labels_key].astype(str).to_numpy()
+        if cfg.holdout > 0:
+            keep = stratified_part(labels, 1 - cfg.holdout, seed)
+            stage_train.append(cells[keep].copy())
+            stage_hold.append(cells[~keep].copy())
+        else:
+            stage_train.append(cells)
+            stage_hold.append(None)
+    tests = [(spec, load_cells(spec, root=root, cache=cache)) for spec in cfg.tests]
+    del cache
+    model = _init_model(cfg, stage_train, seed=seed)
+    records, matrix, stage_info = [], [], []
+    for t, (spec, adata) in enumerate(zip(cfg.stages, stage_train, strict=True), start=1):
+        logger.info("stage %d/%d: %s (%d cells)", t, len(cfg.stages), spec.name, adata.n_obs)
+        ts = time.perf_counter()
+        model.fit_stage(adata, labels_key=spec.labels_key, config=stage_config)
+        h = model.history[-1]
+        stage_info.append({"stage": t, "name": spec.name, "n_cells": adata.n_obs,
+                           "new_types": h["new_types"], "seconds": time.perf_counter() - ts,
+                           "epochs_run": h["epochs_run"],
+                           "train_cells_per_second": h["train_cells_per_second"]})
+        for j, hold in enumerate(stage_hold, start=1):
+            if hold is None or j > t:
+                continue
+            res = model.predict(hold, novelty="none", inplace=False)
+            acc = metrics.accuracy(hold.obs[cfg.stages[j - 1].labels_key].astype(str),
+                                   res["canal"].astype(str))
+            matrix.append({"stage": t, "test": f"stage {j}", "accuracy": acc})
+        for tspec, tdata in tests:
+            m = _evaluate(model, tdata, tspec, novelty=cfg.novelty)
+            records.append({"stage": t, "test": tspec.name, **m})
+        if settings.progress:
+            last = [r for r in records if r["stage"] == t]
+            print(f"[{cfg.name}] stage {t}/{len(cfg.stages)} {spec.name}: "
+                  + "; ".join(f"{r['test']} acc {r['accuracy']:.3f}" for r in last), flush=True)
+    R = metrics.accuracy_matrix(matrix) if matrix else pd.DataFrame()
+    final = [r for r in records if r["stage"] == len(cfg.stages)]
+    results = {
+        "name": cfg.name, "strategy": stage_config.strategy, "seed": seed,
+        "stage_config": stage_config.to_dict(), "stages": stage_info,
+        "accuracy_matrix": R.to_dict(orient="split") if len(R) else None,
+        "average_accuracy": metrics.average_accuracy(R) if len(R) else None,
+        "backward_transfer": metrics.backward_transfer(R) if len(R) > 1 else None,
+        "forgetting": metrics.forgetting(R) if len(R) > 1 else None,
+        "tests": records, "final": final, "seconds": time.perf_counter() - t0,
+        "cell_types": list(model.cell_types),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+    if len(R):
+        R.to_csv(out / "accuracy_matrix.csv")
+    table = pd.DataFrame(records)
+    for name, sub in table.groupby("test", sort=False):
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        sub.drop(columns=["test"]).to_csv(out / f"test_{safe}.csv", index=False)
+    if plots:
+        _plots(results, R, table, out)
+    return results
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(type(obj).__name__)
+
+
+def _plots(results: dict, R: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from canal import pl
+
+    if len(R):
+        fig = pl.accuracy_matrix(R)
+        fig.savefig(out / "accuracy_matrix.png", dpi=120, bbox_inches="tight")
+    fig = pl.stream_accuracy(table)
+    fig.savefig(out / "test_accuracy.png", dpi=120, bbox_inches="tight")
+
+
+def format_table(results: dict) -> str:
+    """The final per-test-set table (accuracy, macro-F1, ARI, H-score) as Markdown."""
+    rows = ["| test set | accuracy | macro-F1 | ARI | known acc | unknown acc | H-score |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results["final"]:
+        h = r.get("h_score")
+        rows.append(f"| {r['test']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                    f"{r['ari']:.3f} | "
+                    + (f"{r['known_accuracy']:.3f} | {r['unknown_accuracy']:.3f} | {h:.3f} |"
+                       if h is not None else "- | - | - |"))
+    bwt = results.get("backward_transfer")
+    rows.append("")
+    rows.append(f"average accuracy over stages' held-out cells: "
+                f"{results['average_accuracy']:.3f}; backward transfer: "
+                + (f"{bwt:+.3f}" if bwt is not None else "n/a"))
+    return "\n".join(rows)
