@@ -162,7 +162,7 @@ def test_energy_mode_on_one_cell(model, cells):
 
 
 def test_calibrate_novelty_is_saved_and_deterministic(model, split, tmp_path):
-    ref = split.train[::4]
+    ref = split.train[::8]
     cal = model.calibrate_novelty(ref)
     assert cal == model.calibrate_novelty(ref)
     assert cal["n_cells"] == ref.n_obs and cal["energy_min"] < cal["energy_max"]
@@ -171,18 +171,17 @@ def test_calibrate_novelty_is_saved_and_deterministic(model, split, tmp_path):
 
 
 def test_energy_threshold_is_seeded(model, cells):
-    pd.testing.assert_frame_equal(model.predict(cells, inplace=False),
-                                  model.predict(cells, inplace=False))
-    thresholds = []
-    for seed in (0, 1):
-        c = cells.copy()
+    few = cells[:40]
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        c = few.copy()
         model.predict(c, seed=seed)
-        thresholds.append(c.uns["canal"]["params"]["threshold"])
-    assert thresholds[0] != thresholds[1]
+        runs[name] = c.uns["canal"]["params"]["threshold"]
+    assert runs["a"] == runs["b"] != runs["c"]
 
 
 def test_bf16_keeps_the_calls(model, split):
-    test = split.test
+    test = split.test[::2]
     fp32 = model.predict(test, novelty="none", inplace=False)
     bf16 = model.predict(test, novelty="none", inplace=False, precision="bf16")
     same = (fp32["canal"].astype(str) == bf16["canal"].astype(str)).mean()
