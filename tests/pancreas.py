@@ -19,7 +19,11 @@ from tests.conftest import TINY
 
 NOVEL = "alpha"
 PER_TYPE = 90
-EPOCHS = 5
+#: A tiny, randomly initialised model: every layer is trained, at a high learning rate (CANAL's
+#: defaults fine-tune only the last layers of a pre-trained encoder). Over seeds 0-2 this gives
+#: H-scores 0.82-0.87 on the test cells (known accuracy 0.75-0.81, alpha Unassigned 0.87-0.94).
+STAGE = dict(epochs=6, batch_size=32, lr=1e-2, warmup_epochs=0.5, restart_epochs=6,
+             trainable="all", seed=0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,5 @@ def novel_split(data_root: Path) -> NovelSplit:
 
     genes = pp.select_panel(train, n_genes=200)
     model = Annotator.create(None, genes=genes, config=TINY)
-    model.fit_stage(train, labels_key="cell_type",
-                    config=StageConfig(epochs=EPOCHS, batch_size=32, lr=1e-3, seed=0))
+    model.fit_stage(train, labels_key="cell_type", config=StageConfig(**STAGE))
     return NovelSplit(model=model, train=train, test=test)

@@ -30,8 +30,8 @@ def model(split) -> Annotator:
 
 @pytest.fixture()
 def cells(split) -> ad.AnnData:
-    """120 test cells (every 3rd cell of donor human4, alpha included)."""
-    return split.test[::3][:120].copy()
+    """90 test cells (every 3rd cell of donor human4, alpha included)."""
+    return split.test[::3][:90].copy()
 
 
 def _same(a: pd.DataFrame, b: pd.DataFrame, *, atol: float = 1e-5) -> None:
@@ -51,10 +51,10 @@ def test_alpha_withheld_comes_out_unassigned(split):
         scores[mode] = metrics.novel_scores(truth, pred, novel_types=NOVEL)
     none, energy, cal = scores["none"], scores["energy"], scores["calibrated"]
     assert none["unknown_accuracy"] == 0 and none["h_score"] == 0
-    assert energy["unknown_accuracy"] > 0.7  # alpha mostly Unassigned
-    assert energy["known_accuracy"] > 0.7  # known types mostly right
+    assert energy["unknown_accuracy"] > 0.75  # alpha mostly Unassigned
+    assert energy["known_accuracy"] > 0.65  # known types mostly right
     assert energy["h_score"] > 0.7
-    assert cal["h_score"] > 0.6
+    assert cal["h_score"] > 0.7
     # the known types lose little to the novelty calls
     assert energy["known_accuracy"] > none["known_accuracy"] - 0.2
 
@@ -148,7 +148,7 @@ def test_calibrated_mode_scores_each_cell_alone(model, cells):
 
 
 def test_energy_mode_on_one_cell(model, cells):
-    one = cells[:1]
+    one = cells[:1].copy()
     df = model.predict(one, inplace=False)  # falls back to the calibration
     _same(df, model.predict(one, novelty="calibrated", inplace=False))
     model.predict(one)
@@ -162,7 +162,7 @@ def test_energy_mode_on_one_cell(model, cells):
 
 
 def test_calibrate_novelty_is_saved_and_deterministic(model, split, tmp_path):
-    ref = split.train[::4]
+    ref = split.train[::8]
     cal = model.calibrate_novelty(ref)
     assert cal == model.calibrate_novelty(ref)
     assert cal["n_cells"] == ref.n_obs and cal["energy_min"] < cal["energy_max"]
@@ -171,18 +171,17 @@ def test_calibrate_novelty_is_saved_and_deterministic(model, split, tmp_path):
 
 
 def test_energy_threshold_is_seeded(model, cells):
-    pd.testing.assert_frame_equal(model.predict(cells, inplace=False),
-                                  model.predict(cells, inplace=False))
-    thresholds = []
-    for seed in (0, 1):
-        c = cells.copy()
+    few = cells[:40]
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        c = few.copy()
         model.predict(c, seed=seed)
-        thresholds.append(c.uns["canal"]["params"]["threshold"])
-    assert thresholds[0] != thresholds[1]
+        runs[name] = c.uns["canal"]["params"]["threshold"]
+    assert runs["a"] == runs["b"] != runs["c"]
 
 
 def test_bf16_keeps_the_calls(model, split):
-    test = split.test
+    test = split.test[::2]
     fp32 = model.predict(test, novelty="none", inplace=False)
     bf16 = model.predict(test, novelty="none", inplace=False, precision="bf16")
     same = (fp32["canal"].astype(str) == bf16["canal"].astype(str)).mean()
