@@ -105,6 +105,44 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from canal import Annotator, ModelConfig
+    from canal.pretrain import PretrainConfig
+    from canal.stream import load_corpus
+
+    if bool(args.data) == bool(args.corpus):
+        raise ValueError("pass the cells to pre-train on with --data FILE [FILE ...] or "
+                         "--corpus NAME (one of the two)")
+    if args.corpus:
+        named = load_corpus(args.corpus, root=args.data_dir)
+    else:
+        named = [(Path(p).stem, _read(p)) for p in args.data]
+    names, adatas = [n for n, _ in named], [a for _, a in named]
+    if args.from_:
+        model = Annotator.from_pretrained(args.from_)
+    else:
+        size = ModelConfig.paper() if args.size == "paper" else ModelConfig()
+        emb = None if args.gene_embedding == "random" else args.gene_embedding
+        model = Annotator.create(adatas, n_genes=args.n_genes, config=size.replace(seed=args.seed),
+                                 gene_embedding=emb, combine=args.panel)
+    config = PretrainConfig(epochs=args.epochs, max_steps=args.max_steps,
+                            batch_size=args.batch_size, lr=args.lr, mask_prob=args.mask_prob,
+                            mask_on=args.mask_on, precision=args.precision, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every,
+                            eval_every=args.eval_every)
+    _say(f"pre-training {model} on {sum(a.n_obs for a in adatas)} cells from "
+         f"{len(adatas)} dataset(s)")
+    rec = model.pretrain(adatas, config=config, out=args.out, resume=not args.restart,
+                         names=names, orthologs=args.orthologs)
+    f = rec.get("final") or {}
+    _say(f"{rec['step']} steps, {rec.get('train_seconds', 0):.0f}s of training; held-out "
+         f"masked-token accuracy {f.get('val_accuracy', float('nan')):.4f} (majority bin "
+         f"{f.get('val_baseline_accuracy', float('nan')):.4f}), on expressed tokens "
+         f"{f.get('val_expressed_accuracy', float('nan')):.4f} (majority "
+         f"{f.get('val_expressed_baseline_accuracy', float('nan')):.4f}); written to {args.out}")
+    return 0
+
+
 def _cmd_stream(args: argparse.Namespace) -> int:
     from canal.stream import format_table, run_stream
 
@@ -268,6 +306,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd_fit)
 
+    from canal.pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="masked-expression pre-training on unlabeled cells")
+    p.add_argument("--data", nargs="+", default=None, help=".h5ad files (labels ignored)")
+    p.add_argument("--corpus", default=None,
+                   help="a corpus TOML, or 'corpus': the shared data minus the reference "
+                        "experiments' test cells")
+    p.add_argument("--data-dir", default=None, help="folder the corpus' files resolve against "
+                   "(default $CANAL_DATA or ../shared/data)")
+    p.add_argument("--out", required=True, help="checkpoint directory (written periodically; "
+                   "an unfinished run there is resumed)")
+    p.add_argument("--from", dest="from_", default=None,
+                   help="continue from this checkpoint (default: a new model on an HVG panel "
+                        "of the data)")
+    p.add_argument("--n-genes", type=int, default=1000, help="panel size of a new model")
+    p.add_argument("--size", choices=["default", "paper"], default="default")
+    p.add_argument("--panel", choices=["interleave", "votes"], default="interleave",
+                   help="how the datasets' HVGs are combined into the panel (see "
+                        "canal.pp.select_panel)")
+    p.add_argument("--gene-embedding", default="corpus",
+                   help="'corpus' (co-expression, gene2vec-like), 'random', or a gene2vec-style "
+                        "text file")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--mask-prob", type=float, default=d.mask_prob)
+    p.add_argument("--mask-on", choices=["all", "expressed", "balanced"], default=d.mask_on)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--orthologs", action="store_true",
+                   help="match genes across human/mouse through the 1:1 ortholog table")
+    p.add_argument("--restart", action="store_true",
+                   help="ignore an unfinished run in --out and start afresh")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd_pretrain)
+
     p = sub.add_parser("stream", help="run a stream of stages from a TOML config")
     p.add_argument("config", help="TOML file or a shipped config name: pancreas, immune, "
                    "novel_pancreas, novel_immune, cross_species")
@@ -369,7 +446,7 @@ def _reexec_with_tcmalloc() -> None:
 
 #: Subcommands that run under ``torchrun`` (the others would repeat their work and race on
 #: their outputs in every process).
-DISTRIBUTED_COMMANDS = ("init", "fit")
+DISTRIBUTED_COMMANDS = ("init", "fit", "pretrain")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

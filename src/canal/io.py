@@ -1,5 +1,5 @@
 """Checkpoint directories: ``model.pt`` (weights only), ``config.json``, ``bank.h5ad``,
-``history.json``.
+``history.json``, and ``optimizer.pt`` while a pre-training run is unfinished.
 
 Nothing is pickled: weights load with ``torch.load(..., weights_only=True)``, metadata is JSON,
 the example bank is an ``.h5ad``. Writes are atomic: a temporary sibling directory is filled,
@@ -27,6 +27,7 @@ WEIGHTS = "model.pt"
 CONFIG = "config.json"
 BANK = "bank.h5ad"
 HISTORY = "history.json"
+OPTIMIZER = "optimizer.pt"
 
 
 class CheckpointError(ValueError):
@@ -41,6 +42,7 @@ class Checkpoint:
     meta: dict[str, Any]
     bank: Any = None  # AnnData or None
     history: list[dict[str, Any]] = field(default_factory=list)
+    optimizer: dict[str, Any] | None = None  # resumable optimizer state (weights-only file)
 
 
 def versions() -> dict[str, str]:
@@ -73,6 +75,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         (tmp / HISTORY).write_text(json.dumps(checkpoint.history, indent=2, default=_jsonable))
         if checkpoint.bank is not None:
             checkpoint.bank.write_h5ad(tmp / BANK)
+        if checkpoint.optimizer is not None:
+            torch.save(checkpoint.optimizer, tmp / OPTIMIZER)
         old = None
         if path.exists():
             if not (path / CONFIG).exists() and any(path.iterdir()):
@@ -151,10 +155,18 @@ def load_checkpoint(path: str | Path, *, with_bank: bool = True) -> Checkpoint:
             bank = ad.read_h5ad(path / BANK)
         except Exception as err:
             raise CheckpointError(f"{path / BANK} is corrupt ({err}); restore it") from err
+    optimizer = None
+    if (path / OPTIMIZER).exists():
+        try:
+            optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path / OPTIMIZER} is corrupt ({err}); delete it to restart "
+                                  "pre-training from the saved weights") from err
     history = []
     if (path / HISTORY).exists():
         try:
             history = json.loads((path / HISTORY).read_text())
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path / HISTORY} is corrupt ({err})") from err
-    return Checkpoint(state_dict=state, meta=meta, bank=bank, history=history)
+    return Checkpoint(state_dict=state, meta=meta, bank=bank, history=history,
+                      optimizer=optimizer)

@@ -8,6 +8,7 @@ training history. It reads AnnData and writes results back into it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +63,8 @@ class Annotator:
     @classmethod
     def create(cls, adata, *, n_genes: int = 1000, config: ModelConfig | None = None,
                genes: Sequence[str] | None = None, gene_embedding=None,
-               layer: str | None = None) -> Annotator:
+               layer: str | None = None,
+               combine: Literal["votes", "interleave"] = "votes") -> Annotator:
         """A randomly initialised model whose gene panel is chosen from ``adata``.
 
         Parameters
@@ -77,11 +79,29 @@ class Annotator:
         genes
             Use this panel instead of choosing HVGs.
         gene_embedding
-            Optional ``(n_genes, dim)`` matrix to initialise the gene vectors (e.g. gene2vec).
+            How to initialise the gene vectors: ``None`` (random), ``"corpus"`` (co-expression
+            in ``adata``, see :func:`canal.pretrain.corpus_gene_embedding`), the path of a
+            gene2vec-style text file keyed by gene symbol (see
+            :func:`canal.pretrain.read_gene_embedding`), or a ``(n_genes, dim)`` matrix.
+        combine
+            How several datasets' HVGs are combined (see :func:`canal.pp.select_panel`).
         """
         if genes is None:
-            genes = pp.select_panel(adata, n_genes=n_genes, layer=layer)
+            genes = pp.select_panel(adata, n_genes=n_genes, layer=layer, combine=combine)
+        genes = [str(g) for g in genes]
         config = (config or ModelConfig()).replace(n_genes=len(genes))
+        if isinstance(gene_embedding, str | Path):
+            from canal import pretrain
+
+            if str(gene_embedding) == "corpus":
+                if adata is None:
+                    raise ValueError("gene_embedding='corpus' needs the corpus: pass adata")
+                adatas = adata if isinstance(adata, list | tuple) else [adata]
+                X = concat([CellData.from_adata(a, genes, layer=layer) for a in adatas]).X
+                gene_embedding = pretrain.corpus_gene_embedding(X, config.dim, seed=config.seed)
+            else:
+                gene_embedding = pretrain.read_gene_embedding(gene_embedding, genes,
+                                                              dim=config.dim, seed=config.seed)
         net = CanalNet(config, gene_embedding=gene_embedding)
         return cls(net, genes)
 
@@ -115,16 +135,18 @@ class Annotator:
 
     load = from_pretrained
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, optimizer: dict | None = None) -> Path:
         """Write the model as a checkpoint directory (atomic).
 
         Under ``torchrun`` only rank 0 writes; the other ranks wait until it is written.
+        ``optimizer`` (an optimizer state dict) is saved beside the weights so that an
+        unfinished pre-training run can resume.
         """
         meta = dict(self.meta)
         meta.update(model_config=self.net.config.to_dict(), genes=self.genes,
                     cell_types=self.cell_types, stage=self.stage)
         ckpt = io.Checkpoint(state_dict=self.net.state_dict(), meta=meta, bank=self.bank,
-                             history=self.history)
+                             history=self.history, optimizer=optimizer)
         return distributed.on_main(io.save_checkpoint, path, ckpt)
 
     def __repr__(self) -> str:
@@ -176,6 +198,102 @@ class Annotator:
             return rep
         adata.obsm[key_added] = rep
         return None
+
+    # ---------------------------------------------------------------------------------------
+    # pre-training
+    # ---------------------------------------------------------------------------------------
+
+    def pretrain(self, adatas, *, config=None, out: str | Path | None = None,
+                 resume: bool = True, names: Sequence[str] | None = None,
+                 layer: str | None = None, case_insensitive: bool = False,
+                 orthologs: bool | str = False,
+                 device: str | torch.device | None = None) -> dict[str, Any]:
+        """Masked-expression pre-training on unlabeled cells (see :mod:`canal.pretrain`).
+
+        Parameters
+        ----------
+        adatas
+            One AnnData or a list (raw counts or log-normalized; any genes: each is aligned to
+            the model's panel, missing genes count as zero). Labels are ignored.
+        config
+            :class:`canal.pretrain.PretrainConfig`.
+        out
+            Checkpoint directory written every ``config.checkpoint_every`` steps and at the
+            end (atomically; with the optimizer state while unfinished).
+        resume
+            If ``out`` holds an unfinished run with the same config, panel and corpus size,
+            continue it from its last step (the result equals an uninterrupted run); if it
+            holds a finished one, load it and return. With ``False`` start afresh.
+        names
+            Names of the corpus datasets (recorded in the checkpoint).
+        layer, case_insensitive, orthologs
+            How expression is read and genes matched (see :meth:`prepare`).
+
+        Returns
+        -------
+        The pre-training record, also stored as ``self.meta["pretrain"]``: config, corpus,
+        steps, wall time, cells/s, and held-out masked-token accuracy vs the majority-bin
+        baseline after each evaluation (``history["val"]``) and at the end (``final``).
+        """
+        from canal import pretrain
+
+        config = config or pretrain.PretrainConfig()
+        adatas = list(adatas) if isinstance(adatas, list | tuple) else [adatas]
+        names = list(names) if names is not None else [f"dataset {i + 1}"
+                                                       for i in range(len(adatas))]
+        if len(names) != len(adatas):
+            raise ValueError(f"{len(names)} names for {len(adatas)} datasets")
+        parts = [self.prepare(a, layer=layer, case_insensitive=case_insensitive,
+                              orthologs=orthologs) for a in adatas]
+        data = concat(parts)
+        corpus = [{"name": str(n), "n_cells": int(p.n_cells)}
+                  for n, p in zip(names, parts, strict=True)]
+        record = {"config": config.to_dict(), "corpus": corpus, "n_cells": int(data.n_cells)}
+        state = None
+        if out is not None and resume and (Path(out) / io.CONFIG).exists():
+            state = self._resume_pretraining(Path(out), record)
+            if state is not None and state.get("done"):
+                return self.meta["pretrain"]
+
+        def write(st: dict[str, Any]) -> None:
+            self.meta["pretrain"] = record | {k: v for k, v in st.items() if k != "optimizer"}
+            if out is not None:
+                self.save(out, optimizer=None if st["done"] else st["optimizer"])
+
+        t0 = time.perf_counter()
+        final = pretrain.run_pretraining(self.net, data, config=config, state=state,
+                                         on_checkpoint=write,
+                                         device=settings.torch_device(device))
+        self.meta["pretrain"] = record | {k: v for k, v in final.items() if k != "optimizer"}
+        self.meta["pretrain"]["wall_seconds_last_run"] = time.perf_counter() - t0
+        return self.meta["pretrain"]
+
+    def _resume_pretraining(self, out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+        ckpt = io.load_checkpoint(out, with_bank=False)
+        prev = ckpt.meta.get("pretrain")
+        if prev is None:
+            raise ValueError(f"{out} is a checkpoint without a pre-training run; pass another "
+                             "out, or resume=False to overwrite it")
+        same = (ckpt.meta.get("genes") == self.genes
+                and ckpt.meta.get("model_config") == self.net.config.to_dict()
+                and prev.get("config") == record["config"]
+                and prev.get("n_cells") == record["n_cells"])
+        if not same:
+            raise ValueError(f"{out} holds a pre-training run with another config, panel or "
+                             "corpus; pass resume=False (or --restart) to overwrite it, or "
+                             "another output directory")
+        self.net.load_state_dict(ckpt.state_dict, strict=True)
+        self.meta["pretrain"] = prev
+        if prev.get("done"):
+            logger.info("%s holds a finished pre-training run (%d steps); loaded it", out,
+                        prev.get("step", 0))
+            return {"done": True}
+        if ckpt.optimizer is None:
+            raise io.CheckpointError(f"{out} is an unfinished pre-training run without its "
+                                     f"{io.OPTIMIZER}; pass resume=False to restart")
+        logger.info("resuming pre-training from %s at step %d", out, prev["step"])
+        return {k: prev[k] for k in ("step", "history", "train_seconds", "cells_seen")
+                if k in prev} | {"optimizer": ckpt.optimizer}
 
     # ---------------------------------------------------------------------------------------
     # continual fine-tuning

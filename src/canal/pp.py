@@ -356,15 +356,21 @@ def _gene_ranks(x: sp.csr_matrix, var_names: pd.Index) -> pd.Series:
     return pd.Series(np.minimum(r_disp, r_var) - 1, index=var_names)
 
 
-def select_panel(adatas, *, n_genes: int = 1000, layer: str | None = None) -> list[str]:
+def select_panel(adatas, *, n_genes: int = 1000, layer: str | None = None,
+                 combine: Literal["votes", "interleave"] = "votes") -> list[str]:
     """Choose a model's gene panel of highly variable genes.
 
     In each dataset a gene ranks by the better of two scores on log-normalized data: scanpy's
     Seurat normalized dispersion (variable for its mean) and the plain variance. The second keeps
     abundant cell-type markers (INS, GCG, LYZ...) whose ambient spread lowers their normalized
-    dispersion. With several datasets (different gene sets allowed), a gene scores by how many
-    datasets place it in their top ``n_genes``, ties broken by its mean rank, as scanpy does with
-    ``batch_key``.
+    dispersion. Several datasets (different gene sets allowed) are combined by ``combine``:
+
+    - ``"votes"``: a gene scores by how many datasets place it in their top ``n_genes``, ties
+      broken by its mean rank, as scanpy does with ``batch_key``. Suits batches of one tissue.
+    - ``"interleave"``: the datasets' ranked lists are merged in turn (each dataset's best gene
+      not yet taken, dataset after dataset), so each dataset contributes about the same number
+      of its own most variable genes. Suits a corpus of several tissues, where votes would let
+      the tissue with most files crowd out the others' markers.
 
     Returns
     -------
@@ -372,12 +378,31 @@ def select_panel(adatas, *, n_genes: int = 1000, layer: str | None = None) -> li
     """
     if not isinstance(adatas, list | tuple):
         adatas = [adatas]
+    if combine not in ("votes", "interleave"):
+        raise ValueError(f"combine must be 'votes' or 'interleave', got {combine!r}")
     ranks = []
     for adata in adatas:
         if adata.isbacked:
             adata = adata.to_memory()
         ranks.append(_gene_ranks(log_normalize(adata, layer=layer),
                                  pd.Index(adata.var_names.astype(str))))
+    if combine == "interleave":
+        lists = [r.sort_values(kind="stable").index.tolist() for r in ranks]
+        panel: list[str] = []
+        taken: set[str] = set()
+        pos = [0] * len(lists)
+        while len(panel) < n_genes and any(p < len(lst) for p, lst in zip(pos, lists,
+                                                                             strict=True)):
+            for i, lst in enumerate(lists):
+                while pos[i] < len(lst) and lst[pos[i]] in taken:
+                    pos[i] += 1
+                if pos[i] < len(lst) and len(panel) < n_genes:
+                    panel.append(lst[pos[i]])
+                    taken.add(lst[pos[i]])
+        if len(panel) < n_genes:
+            raise ValueError(f"only {len(panel)} genes available, fewer than n_genes={n_genes}; "
+                             "pass a smaller n_genes")
+        return panel
     table = pd.concat(ranks, axis=1)
     score = pd.DataFrame({"n": (table < n_genes).sum(axis=1),
                           "rank": table.mean(axis=1, skipna=True)})

@@ -142,6 +142,27 @@ def load_cells(spec: DataSpec, *, root: Path, cache: dict | None = None):
     return adata[mask].copy()
 
 
+def load_corpus(config: str | Path, *, root: str | Path | None = None
+                ) -> list[tuple[str, Any]]:
+    """The datasets of a pre-training corpus TOML (``[[files]]`` entries, as stages are given).
+
+    ``config`` is a path or a shipped name (``"corpus"``: the corpus of the shared data's
+    README, without the reference experiments' test cells). Returns ``(name, AnnData)`` pairs.
+    """
+    path = Path(config)
+    if not path.exists() and (CONFIGS / f"{path.stem}.toml").exists():
+        path = CONFIGS / f"{path.stem}.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"no corpus config {config}; the shipped one is 'corpus'")
+    raw = tomllib.loads(path.read_text())
+    specs = [DataSpec.from_dict(d) for d in raw.get("files", [])]
+    if not specs:
+        raise ValueError(f"{path}: a corpus needs at least one [[files]] entry")
+    root = Path(root) if root is not None else data_dir()
+    cache: dict = {}
+    return [(spec.name, load_cells(spec, root=root, cache=cache)) for spec in specs]
+
+
 @dataclass
 class StreamConfig:
     """A parsed stream: model initialisation, stage config, stages and test sets."""
