@@ -167,3 +167,24 @@ def test_cli_refuses_commands_that_are_not_data_parallel(monkeypatch, tmp_path, 
     code = main(["predict", "--model", str(tmp_path), "--data", "x.h5ad", "--out", "y.h5ad"])
     assert code == 2
     assert "without torchrun" in capsys.readouterr().err
+
+
+def test_torchrun_pretrain(stage_files, tmp_path):
+    data, init, cells = stage_files
+    out = tmp_path / "pt"
+    proc = _torchrun("-m", "canal", "--quiet", "pretrain", "--data", str(data), "--from",
+                     str(init), "--out", str(out), "--max-steps", "4", "--batch-size", "16",
+                     "--eval-every", "2", "--checkpoint-every", "2", "--lr", "3e-3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("4 steps") == 1  # rank 0 reports
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pt"]
+    model = Annotator.from_pretrained(out)
+    rec = model.meta["pretrain"]
+    assert rec["done"] and rec["step"] == 4 and rec["world_size"] == 2
+    assert rec["n_train"] + rec["n_val"] == cells.n_obs
+    assert [v["step"] for v in rec["history"]["val"]] == [0, 2, 4]
+    assert np.isfinite(rec["final"]["val_loss"])
+    start = Annotator.from_pretrained(init).net.state_dict()
+    moved = model.net.state_dict()
+    assert not torch.equal(start["performer.net.layers.0.0.fn.to_q.weight"],
+                           moved["performer.net.layers.0.0.fn.to_q.weight"])

@@ -167,7 +167,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n{name}: {len(res['stages'])} stages in {res['seconds']:.0f}s, cell types "
               f"{', '.join(res['cell_types'])}")
         print(format_table(res))
-        print(f"plots and tables: {out / name}/\n")
+        print(f"plots, tables and the final model (canal predict --model {out / name / 'model'}): "
+              f"{out / name}/\n")
+    return 0
+
+
 # --- predict / evaluate ----------------------------------------------------------------------
 
 

@@ -222,8 +222,9 @@ def _evaluate(model: Annotator, adata, spec: DataSpec, *, novelty: str) -> dict[
 
 def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
                root: str | Path | None = None, strategy: str | None = None,
-               seed: int = 0, epochs: int | None = None, plots: bool = True) -> dict[str, Any]:
-    """Run a stream and write ``results.json``, CSV tables and plots into ``out_dir``.
+               seed: int = 0, epochs: int | None = None, plots: bool = True,
+               save_model: bool = True) -> dict[str, Any]:
+    """Run a stream; write ``results.json``, CSV tables, plots and the final model to ``out_dir``.
 
     Parameters
     ----------
@@ -236,6 +237,11 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
         folder, ``$CANAL_DATA`` or ``../shared/data``).
     strategy, seed, epochs
         Override the config's ``[train]`` strategy, the seed and the epochs.
+    plots
+        Write the PNG plots.
+    save_model
+        Save the final model (with its example bank) as the checkpoint ``out_dir/model``, for
+        ``canal predict`` / ``canal explain`` afterwards.
 
     Returns
     -------
@@ -303,6 +309,9 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
         "tests": records, "final": final, "seconds": time.perf_counter() - t0,
         "cell_types": list(model.cell_types),
     }
+    if save_model:
+        model.save(out / "model")
+        results["model"] = str(out / "model")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
     if len(R):
         R.to_csv(out / "accuracy_matrix.csv")
