@@ -187,7 +187,7 @@ def test_shipped_weights_load_and_fine_tune(baron):
     assert final["val_accuracy"] > final["val_baseline_accuracy"]
     cells = baron[baron.obs["batch"].astype(str) == "human1"]
     cells = cells[cells.obs["cell_type"].isin(["alpha", "beta", "ductal"])].copy()
-    model.fit_stage(cells, config=StageConfig(epochs=2, seed=0))
+    model.fit_stage(cells, config=StageConfig(epochs=3, lr=2e-3, warmup_epochs=0.5, seed=0))
     assert model.stage == 1 and model.cell_types == ["alpha", "beta", "ductal"]
     out = model.predict(cells, novelty="none", inplace=False)
     assert (out["canal"].astype(str) == cells.obs["cell_type"].astype(str)).mean() > 0.8
