@@ -1,0 +1,732 @@
+"""Reference experiments: canal's continual strategies against CellTypist, side by side.
+
+What it measures
+----------------
+For each shipped stream config (``pancreas``, ``immune``, ``novel_pancreas``, ``novel_immune``,
+``cross_species``; see ``src/canal/configs``) and each seed, every method is trained on the
+same cells and scored on the same test sets:
+
+- canal strategies ``canal`` (replay + distillation), ``naive`` (sequential fine-tuning),
+  ``replay``, ``distill`` and ``joint`` (all stages' cells at every stage: the upper bound), each
+  one call of :func:`canal.stream.run_stream`. Their test sets are annotated after the last stage
+  with novelty detection (``Unassigned`` for novel cells); the stream also gives the average
+  accuracy over the stages' held-out cells and the backward transfer (forgetting).
+- CellTypist 1.7 (logistic regression, ``celltypist.train``) trained once on all stages'
+  training cells together, i.e. the cells each stage keeps after the stream's stratified,
+  seeded 20% holdout split (the split of :func:`canal.stream.run_stream` for the same seed). It
+  is an offline, non-continual reference like ``joint``. Two read-outs of the same model:
+  ``celltypist`` (``mode="best match"``: every cell gets a known type, so on novel cells its
+  unknown accuracy, and hence its H-score, is 0 by construction) and ``celltypist prob`` (``mode=
+  "prob match"``: cells with no type above ``--p-thres`` are ``Unassigned``; cells with several
+  types above it get a label ``"A|B"`` that counts as wrong). Its "average accuracy" is the
+  best-match accuracy on the same held-out cells of the stages (closed-set, as canal's).
+
+CellTypist input: each file's counts are normalized on all of its genes (scanpy
+``normalize_total`` to 1e4, ``log1p``), then the training matrix is restricted to the genes
+shared by all training files (``--celltypist-genes train``, the default; ``common`` also
+intersects with the genes of every test set). Because the restricted rows no longer sum to
+1e4, ``celltypist.train`` runs with ``check_expression=False``. Test sets keep all their genes;
+CellTypist uses the overlap with its model's genes. Mouse test sets (``orthologs = true``) are
+renamed to human symbols through :func:`canal.pp.orthologs` (genes without a 1:1 ortholog keep
+a ``mouse:`` prefix, so they match nothing but still count in the 1e4 normalization).
+
+Scores (:func:`canal.metrics.summarize`): accuracy, macro-F1 and ARI per test set; where a
+test set holds true types that the method never trained on, those cells count as correct only
+when ``Unassigned``, and known accuracy, unknown accuracy and H-score are added.
+
+Output (``--out``, default ``benchmarks/results``): one Markdown table per experiment printed
+and written to ``reference.md``; ``reference.json`` with every per-seed number, wall times and
+the machine; per-run canal folders under ``runs/``. The JSON is rewritten after every run, and
+``--resume`` skips the runs it already holds.
+
+How to run
+----------
+::
+
+    .venv/bin/python benchmarks/reference.py                        # everything, seeds 0 1 2
+    .venv/bin/python benchmarks/reference.py --quick                # smoke: see below
+    .venv/bin/python benchmarks/reference.py --experiments immune --strategies canal celltypist
+    .venv/bin/python benchmarks/reference.py --init random --quick  # tiny random model (dev)
+
+``--init`` defaults to the configs' ``pretrained`` (the shipped weights); ``random`` swaps in a
+tiny randomly initialised model for development, and a path uses that checkpoint.
+
+``--quick`` is a smoke run, not a result: seed 0, 1 epoch per stage, and every data file cut to
+at most 3,000 randomly chosen cells (``--max-cells``; only the immune ``kang_ctrl_8donors`` file
+is larger), written to ``OUT/data_max<N>`` and used by every method alike.
+
+Cost on a 2-core CPU (the shipped CPU model runs about 100 cells/s for a training or a
+prediction pass): a ``canal`` run on the pancreas stream takes about 7 min (measured: 20, 20 and
+10 epochs, test sets annotated after every stage) and, from its cell counts, about 40 min on
+the immune stream, so the full default (5 experiments x 5 strategies x 3 seeds) takes about a
+day there. Use ``--device cuda`` on a GPU machine, or fewer experiments, seeds and ``--epochs``
+(``--resume`` continues an interrupted run). CellTypist takes about 10 s (immune, 1,287 genes)
+to 1.5 min (pancreas, 20,125 genes) per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+logger = logging.getLogger("reference")
+
+EXPERIMENTS = ("pancreas", "immune", "novel_pancreas", "novel_immune", "cross_species")
+CANAL_STRATEGIES = ("canal", "naive", "replay", "distill", "joint")
+METHODS = (*CANAL_STRATEGIES, "celltypist")
+CT_BEST, CT_PROB = "celltypist", "celltypist prob"
+TINY_MODEL = {"init": "random", "n_genes": 300, "dim": 16, "depth": 2, "heads": 2, "dim_head": 8,
+              "head_hidden": 32, "rep_dim": 16}
+"""Model of ``--init random``: small enough that a stream runs in seconds (development only)."""
+TEST_METRICS = ("accuracy", "macro_f1", "ari", "known_accuracy", "unknown_accuracy", "h_score")
+QUICK_EPOCHS = 1
+QUICK_MAX_CELLS = 3000
+
+
+# --------------------------------------------------------------------------------------------
+# data: the stream's own splits
+# --------------------------------------------------------------------------------------------
+
+
+def stream_config(name: str, *, init: str | None):
+    """The shipped stream config ``name``, its model swapped according to ``init``.
+
+    Parameters
+    ----------
+    name
+        A shipped config name or a TOML path.
+    init
+        ``None`` keeps the config's ``[model]``; ``"random"`` uses :data:`TINY_MODEL`; any other
+        string is a checkpoint directory to start from.
+
+    Returns
+    -------
+    canal.stream.StreamConfig
+    """
+    from canal.stream import StreamConfig
+
+    cfg = StreamConfig.from_toml(name)
+    if init is None:
+        return cfg
+    return replace(cfg, model=dict(TINY_MODEL) if init == "random" else {"init": init})
+
+
+def stream_data(cfg, *, root: Path, seed: int) -> tuple[list, list, list]:
+    """The cells a stream run with ``seed`` trains on, holds out and tests on.
+
+    Mirrors :func:`canal.stream.run_stream`: each stage's cells (``load_cells``) are split by
+    ``stratified_part(labels, 1 - holdout, seed)``.
+
+    Returns
+    -------
+    ``(train, hold, tests)``: lists of ``(DataSpec, AnnData)``; ``hold`` is empty when the
+    config has no holdout.
+    """
+    from canal.stream import load_cells, stratified_part
+
+    cache: dict = {}
+    train, hold = [], []
+    for spec in cfg.stages:
+        cells = load_cells(spec, root=root, cache=cache)
+        if cfg.holdout > 0:
+            labels = cells.obs[spec.labels_key].astype(str).to_numpy()
+            keep = stratified_part(labels, 1 - cfg.holdout, seed)
+            train.append((spec, cells[keep].copy()))
+            hold.append((spec, cells[~keep].copy()))
+        else:
+            train.append((spec, cells))
+    tests = [(spec, load_cells(spec, root=root, cache=cache)) for spec in cfg.tests]
+    return train, hold, tests
+
+
+def capped_data(cfgs: list, *, root: Path, max_cells: int, out: Path) -> Path:
+    """A data folder where every file the streams read has at most ``max_cells`` cells.
+
+    Larger files get a seeded random subset (rows kept in order) written once to ``out``;
+    the others, and the ortholog table, are linked to the originals.
+
+    Returns
+    -------
+    The folder to pass as ``root``.
+    """
+    import anndata as ad
+
+    files = {spec.file for cfg in cfgs for spec in (*cfg.stages, *cfg.tests)}
+    for rel in sorted(files):
+        src, dst = root / rel, out / rel
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        adata = ad.read_h5ad(src)
+        if adata.n_obs <= max_cells:
+            dst.symlink_to(src.resolve())
+            continue
+        keep = np.sort(np.random.default_rng(0).choice(adata.n_obs, max_cells, replace=False))
+        adata[keep].copy().write_h5ad(dst)
+    if (root / "homologs").exists() and not (out / "homologs").exists():
+        (out / "homologs").symlink_to((root / "homologs").resolve())
+    return out
+
+
+def log1p_cells(adata, *, labels_key: str, orthologs: pd.DataFrame | None = None):
+    """A new AnnData with CellTypist's input: counts normalized to 1e4 per cell, then log1p.
+
+    Parameters
+    ----------
+    adata
+        Cells with counts (or un-logged values) in ``X``; not modified.
+    labels_key
+        ``obs`` column kept in the result.
+    orthologs
+        Table with columns ``human`` and ``mouse``: rename mouse genes to their human 1:1
+        ortholog (other genes get a ``mouse:`` prefix and still count in the normalization).
+
+    Returns
+    -------
+    anndata.AnnData
+        CSR float32 ``X``; ``obs[labels_key]`` as strings.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    genes = pd.Index(adata.var_names.astype(str))
+    if orthologs is not None:
+        to_human = dict(zip(orthologs["mouse"], orthologs["human"], strict=True))
+        genes = pd.Index([to_human.get(g, f"mouse:{g}") for g in genes])
+    obs = pd.DataFrame({labels_key: adata.obs[labels_key].astype(str).to_numpy()},
+                       index=adata.obs_names.astype(str))
+    out = ad.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32), obs=obs,
+                     var=pd.DataFrame(index=genes))
+    out.var_names_make_unique()
+    out.obs_names_make_unique()
+    sc.pp.normalize_total(out, target_sum=1e4)
+    sc.pp.log1p(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+
+
+def _test_record(truth: np.ndarray, pred: np.ndarray, known_types: set[str]) -> dict[str, Any]:
+    """:func:`canal.metrics.summarize` with the test set's novel types (types never trained)."""
+    from canal import metrics
+
+    novel = sorted(set(truth) - known_types)
+    out = metrics.summarize(truth, pred, novel_types=novel) if novel else \
+        metrics.summarize(truth, pred)
+    out["novel_types"] = novel
+    out["n_unassigned"] = int(np.sum(pred == metrics.UNASSIGNED))
+    return out
+
+
+def run_canal(cfg, *, strategy: str, seed: int, epochs: int | None, root: Path, out: Path,
+              plots: bool) -> dict[str, Any]:
+    """One :func:`canal.stream.run_stream` call, reduced to the numbers the tables need.
+
+    Returns
+    -------
+    dict
+        ``tests`` (final metrics per test set), ``average_accuracy``, ``backward_transfer``,
+        ``forgetting``, ``n_train_cells`` (per stage), ``stage_seconds``, ``epochs_run``,
+        ``seconds``.
+    """
+    from canal.stream import run_stream
+
+    res = run_stream(cfg, out_dir=out, root=root, strategy=strategy, seed=seed, epochs=epochs,
+                     plots=plots)
+    tests = {r["test"]: {k: v for k, v in r.items() if k not in ("stage", "test")}
+             for r in res["final"]}
+    return {"tests": tests, "average_accuracy": res["average_accuracy"],
+            "backward_transfer": res["backward_transfer"], "forgetting": res["forgetting"],
+            "n_train_cells": [s["n_cells"] for s in res["stages"]],
+            "stage_seconds": [s["seconds"] for s in res["stages"]],
+            "epochs_run": [s["epochs_run"] for s in res["stages"]],
+            "seconds": res["seconds"]}
+
+
+def run_celltypist(cfg, *, seed: int, root: Path, genes_mode: str, p_thres: float,
+                   max_iter: int | None, use_sgd: bool, feature_selection: bool,
+                   n_jobs: int) -> dict[str, dict[str, Any]]:
+    """Train CellTypist on all stages' training cells; annotate the held-out and test cells.
+
+    Returns
+    -------
+    dict
+        ``{"celltypist": record, "celltypist prob": record}``; a record holds ``tests``,
+        ``average_accuracy`` (best match on the stages' held-out cells; ``None`` for prob match),
+        ``n_train_cells``, ``n_genes``, ``converged``, ``train_seconds`` and ``seconds``
+        (training plus annotation, shared by both read-outs).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # celltypist reads scanpy.__version__
+        import celltypist
+
+    from canal import metrics
+    from canal.pp import orthologs as ortholog_table
+
+    t0 = time.perf_counter()
+    train, hold, tests = stream_data(cfg, root=root, seed=seed)
+    table = ortholog_table() if any(spec.orthologs for spec, _ in tests) else None
+    normed = [log1p_cells(a, labels_key=s.labels_key) for s, a in train]
+    normed_tests = [(s, log1p_cells(a, labels_key=s.labels_key,
+                                    orthologs=table if s.orthologs else None))
+                    for s, a in tests]
+    shared = set(normed[0].var_names)
+    for a in normed[1:]:
+        shared &= set(a.var_names)
+    if genes_mode == "common":
+        for _, a in normed_tests:
+            shared &= set(a.var_names)
+    genes = [g for g in normed[0].var_names if g in shared]
+    if not genes:
+        raise ValueError(f"{cfg.name}: the training files share no genes")
+    X = sp.vstack([a[:, genes].X for a in normed], format="csr")
+    labels = np.concatenate([a.obs[s.labels_key].to_numpy() for (s, _), a
+                             in zip(train, normed, strict=True)])
+    ts = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn: multi_class="ovr" deprecated
+        model = celltypist.train(X, labels=labels, genes=genes, check_expression=False,
+                                 max_iter=max_iter, use_SGD=use_sgd,
+                                 feature_selection=feature_selection, n_jobs=n_jobs)
+    train_seconds = time.perf_counter() - ts
+    # n_iter_ rather than ConvergenceWarning: warnings raised in joblib workers are lost
+    n_iter = int(np.max(model.classifier.n_iter_))
+    converged = n_iter < model.classifier.max_iter
+    known = {str(c) for c in model.cell_types}
+
+    def annotate(adata, mode: str) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            res = celltypist.annotate(adata, model=model, majority_voting=False, mode=mode,
+                                      p_thres=p_thres)
+        return res.predicted_labels["predicted_labels"].astype(str).to_numpy()
+
+    best: dict[str, Any] = {}
+    prob: dict[str, Any] = {}
+    for spec, adata in normed_tests:
+        truth = adata.obs[spec.labels_key].to_numpy()
+        best[spec.name] = _test_record(truth, annotate(adata, "best match"), known)
+        pred = annotate(adata, "prob match")
+        prob[spec.name] = _test_record(truth, pred, known)
+        prob[spec.name]["n_multiple"] = int(sum("|" in p for p in pred))
+    hold_acc = []
+    for spec, adata in hold:
+        cells = log1p_cells(adata, labels_key=spec.labels_key)
+        hold_acc.append(metrics.accuracy(cells.obs[spec.labels_key].to_numpy(),
+                                         annotate(cells, "best match")))
+    common = {"n_train_cells": [a.n_obs for _, a in train], "n_genes": len(genes),
+              "genes_mode": genes_mode, "n_iter": n_iter,
+              "converged": converged, "train_seconds": train_seconds,
+              "seconds": time.perf_counter() - t0, "backward_transfer": None,
+              "forgetting": None}
+    return {CT_BEST: {"tests": best, **common,
+                      "average_accuracy": float(np.mean(hold_acc)) if hold_acc else None},
+            CT_PROB: {"tests": prob, **common, "average_accuracy": None, "p_thres": p_thres}}
+
+
+# --------------------------------------------------------------------------------------------
+# summary and report
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list) -> tuple[float, float, int]:
+    vals = np.asarray([v for v in values if v is not None], dtype=float)
+    vals = vals[~np.isnan(vals)]
+    if vals.size == 0:
+        return float("nan"), float("nan"), 0
+    std = float(vals.std(ddof=1)) if vals.size > 1 else float("nan")
+    return float(vals.mean()), std, int(vals.size)
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Mean, std (ddof 1) and count over seeds: ``{experiment: {method: {metric: stats}}}``.
+
+    Test-set metrics are keyed ``"<test set>/<metric>"``; failed runs are left out.
+    """
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    ok = [r for r in runs if "error" not in r]
+    for exp in dict.fromkeys(r["experiment"] for r in ok):
+        summary[exp] = {}
+        for method in dict.fromkeys(r["method"] for r in ok if r["experiment"] == exp):
+            rs = [r for r in ok if r["experiment"] == exp and r["method"] == method]
+            values: dict[str, list] = {}
+            for r in rs:
+                for test, m in r["tests"].items():
+                    for k in TEST_METRICS:
+                        values.setdefault(f"{test}/{k}", []).append(m.get(k))
+                for k in ("average_accuracy", "backward_transfer", "forgetting", "seconds"):
+                    values.setdefault(k, []).append(r.get(k))
+            stats = {}
+            for k, v in values.items():
+                mean, std, n = _mean_std(v)
+                stats[k] = {"mean": mean, "std": std, "n": n}
+            stats["seeds"] = sorted(r["seed"] for r in rs)
+            summary[exp][method] = stats
+    return summary
+
+
+def _fmt(stat: dict[str, Any] | None, *, signed: bool = False, digits: int = 3) -> str:
+    if not stat or stat["n"] == 0:
+        return "-"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    text = format(stat["mean"], spec)
+    if stat["n"] > 1:
+        text += f" ± {stat['std']:.{digits}f}"
+    return text
+
+
+def experiment_table(exp: str, runs: list[dict[str, Any]], stats: dict[str, Any]) -> str:
+    """The Markdown table of one experiment (rows: methods; columns: test-set metrics)."""
+    ok = [r for r in runs if r["experiment"] == exp and "error" not in r]
+    tests = list(dict.fromkeys(t for r in ok for t in r["tests"]))
+    novel = {t: sorted({n for r in ok for n in r["tests"].get(t, {}).get("novel_types", [])})
+             for t in tests}
+    header, sep = ["method"], ["---"]
+    for t in tests:
+        cols = ["acc", "F1", "ARI"] + (["H"] if novel[t] else [])
+        header += [f"{t} {c}" for c in cols]
+        sep += ["---:"] * len(cols)
+    header += ["avg acc (held-out)", "BWT", "time (s)"]
+    sep += ["---:"] * 3
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(sep) + "|"]
+    order = [m for m in (*CANAL_STRATEGIES, CT_BEST, CT_PROB) if m in stats]
+    for method in order:
+        s = stats[method]
+        cells = [f"{method} (n={len(s['seeds'])})"]
+        for t in tests:
+            keys = ["accuracy", "macro_f1", "ari"] + (["h_score"] if novel[t] else [])
+            cells += [_fmt(s.get(f"{t}/{k}")) for k in keys]
+        cells += [_fmt(s.get("average_accuracy")), _fmt(s.get("backward_transfer"), signed=True),
+                  _fmt(s.get("seconds"), digits=0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"{t}: novel types {', '.join(v)}" for t, v in novel.items() if v]
+    if notes:
+        lines += ["", "Novel (never trained) types, scored as correct only when `Unassigned`: "
+                  + "; ".join(notes) + "."]
+    ct = [r for r in ok if r["method"] == CT_BEST]
+    if ct:
+        n_genes = sorted({r["n_genes"] for r in ct})
+        conv = all(r["converged"] for r in ct)
+        shared = "training and test" if ct[0].get("genes_mode") == "common" else "training"
+        secs = np.mean([r["train_seconds"] for r in ct])
+        lines += ["", f"CellTypist: trained on {'/'.join(map(str, n_genes))} genes shared by the "
+                  f"{shared} files; mean training time {secs:.0f} s; "
+                  f"{'converged' if conv else 'did NOT converge (max_iter reached)'}."]
+    failed = [r for r in runs if r["experiment"] == exp and "error" in r]
+    if failed:
+        lines += ["", "Failed runs: " + "; ".join(f"{r['method']} seed {r['seed']}: "
+                                                  f"{r['error'].splitlines()[-1]}" for r in failed)]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, OS, library versions, torch threads, git commit and the shipped weights' identity."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {}
+    for pkg in ("canal", "celltypist", "scikit-learn", "scanpy", "anndata", "numpy", "torch"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "machine": platform.machine(),
+        "processor": platform.processor(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "versions": versions,
+    }
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo,
+                                            capture_output=True, text=True,
+                                            check=True).stdout.strip()
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo,
+                                                capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    return info
+
+
+def weights_info(init: str | None) -> dict[str, Any]:
+    """Where the starting weights come from (and a hash of ``model.pt`` when there is one)."""
+    import hashlib
+
+    if init == "random":
+        return {"init": "random", "model": TINY_MODEL}
+    if init is None:
+        from canal.model import DEFAULT_WEIGHTS
+
+        path = Path(DEFAULT_WEIGHTS)
+    else:
+        path = Path(init)
+    out: dict[str, Any] = {"init": "pretrained" if init is None else "checkpoint",
+                           "path": str(path)}
+    pt = path / "model.pt"
+    if pt.exists():
+        out["model_pt_sha256"] = hashlib.sha256(pt.read_bytes()).hexdigest()[:16]
+        out["model_pt_mtime"] = datetime.fromtimestamp(pt.stat().st_mtime, UTC).isoformat()
+    if (path / "config.json").exists():
+        meta = json.loads((path / "config.json").read_text())
+        out["model_config"] = meta.get("model_config")
+    return out
+
+
+def write_report(out: Path, payload: dict[str, Any]) -> str:
+    """Write ``reference.json`` and ``reference.md``; return the Markdown."""
+    runs = payload["runs"]
+    payload["summary"] = summarize_runs(runs)
+    (out / "reference.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+    m = payload["machine"]
+    a = payload["settings"]
+    parts = [
+        "# canal reference experiments: continual strategies vs CellTypist", "",
+        f"Generated {payload['finished'] or payload['started']} by "
+        f"`{payload['command']}`.", "",
+        f"Machine: {m['platform']}, {m['cpus_available']} of {m['cpu_count']} CPUs, torch "
+        f"{m['torch']} ({m['torch_threads']} threads), CUDA {m['cuda']}, celltypist "
+        f"{m['versions']['celltypist']}, scikit-learn {m['versions']['scikit-learn']}; git "
+        f"{(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}.", "",
+        f"Start: {a['weights'].get('init')} "
+        f"{a['weights'].get('path', '')} {a['weights'].get('model_pt_sha256', '')}; epochs: "
+        f"{a['epochs'] or 'config default'}; seeds: {a['seeds']}; cells per data file: "
+        f"{'at most ' + str(a['max_cells']) if a.get('max_cells') else 'all'}; CellTypist genes: "
+        f"{a['celltypist_genes']}, prob-match threshold {a['p_thres']}.", "",
+        "Cells are mean ± std over seeds (std with ddof 1). acc/F1/ARI: accuracy, macro-F1, "
+        "adjusted Rand index on a test set after the last stage; H: harmonic mean of known and "
+        "unknown accuracy (shown where the test set has types the methods never trained on); "
+        "avg acc: closed-set accuracy on the stages' held-out cells after the last stage; BWT: "
+        "backward transfer (negative = forgetting); time: wall seconds per run (canal: loading, "
+        "every stage and the evaluation of all test sets after every stage; CellTypist: "
+        "training plus annotation, shared by its two read-outs). `celltypist` (best match) never "
+        "says `Unassigned`, so its unknown accuracy and H-score are 0 by construction; "
+        "`celltypist prob` calls `Unassigned` when no type reaches the threshold.",
+    ]
+    for exp, stats in payload["summary"].items():
+        parts += ["", f"## {exp}", "", experiment_table(exp, runs, stats)]
+    total = sum(r.get("seconds") or 0 for r in runs if r["method"] != CT_PROB)
+    parts += ["", f"Total wall time of the runs: {total / 60:.1f} min.", ""]
+    text = "\n".join(parts)
+    (out / "reference.md").write_text(text)
+    return text
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(type(obj).__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
+                   help="shipped stream configs (or TOML paths); default: all five")
+    p.add_argument("--strategies", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods; 'celltypist' gives both its best-match and prob-match rows")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds (split, batch order, init); default 0 1 2 (--quick: 0)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"max epochs per stage; default the config's (--quick: {QUICK_EPOCHS})")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: seed 0, {QUICK_EPOCHS} epoch(s), at most "
+                        f"{QUICK_MAX_CELLS} cells per data file")
+    p.add_argument("--max-cells", type=int, default=None,
+                   help="cut every data file to at most this many random cells (seeded)")
+    p.add_argument("--init", default=None,
+                   help="'random' (tiny random model, for development) or a checkpoint "
+                        "directory; default: the configs' shipped pre-trained weights")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="shared data folder (default $CANAL_DATA or ../shared/data)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--device", default="cpu", help="canal's device (default cpu)")
+    p.add_argument("--celltypist-genes", choices=("train", "common"), default="train",
+                   help="train CellTypist on the genes shared by the training files ('train') "
+                        "or by the training and test files ('common')")
+    p.add_argument("--celltypist-max-iter", type=int, default=None,
+                   help="logistic-regression iterations (default celltypist's: 1000)")
+    p.add_argument("--celltypist-sgd", action="store_true", help="use_SGD=True")
+    p.add_argument("--celltypist-feature-selection", action="store_true",
+                   help="feature_selection=True (two passes, top 300 genes per type)")
+    p.add_argument("--p-thres", type=float, default=0.5,
+                   help="CellTypist prob-match threshold (default 0.5)")
+    p.add_argument("--plots", action="store_true", help="let run_stream draw its plots")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in OUT/reference.json and skip them")
+    p.add_argument("--verbose", action="store_true", help="canal's and CellTypist's info logs")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.epochs is None and args.quick:
+        args.epochs = QUICK_EPOCHS
+    if args.max_cells is None and args.quick:
+        args.max_cells = QUICK_MAX_CELLS
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return 0 when every run succeeded, 1 otherwise."""
+    args = parse_args(argv)
+    # Configure logging before celltypist is imported: it calls logging.basicConfig(INFO).
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OnlyOnce())
+    for name in ("canal", "celltypist", "reference"):
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logger.setLevel(logging.INFO)
+
+    import torch
+
+    import canal
+    from canal._settings import data_dir
+
+    torch.set_num_threads(args.threads)
+    canal.settings.num_threads = args.threads
+    canal.settings.device = args.device
+    canal.settings.progress = args.verbose
+    root = args.data_dir if args.data_dir is not None else data_dir()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    wants_canal = any(s in CANAL_STRATEGIES for s in args.strategies)
+    if wants_canal and args.init is None:
+        from canal.model import DEFAULT_WEIGHTS
+
+        if not (Path(DEFAULT_WEIGHTS) / "config.json").exists():
+            print(f"no shipped weights at {DEFAULT_WEIGHTS}: wait for pre-training to write "
+                  "them, or pass --init random (development) or --init CHECKPOINT_DIR",
+                  file=sys.stderr)
+            return 2
+    settings = {"experiments": args.experiments, "strategies": args.strategies,
+                "seeds": args.seeds, "epochs": args.epochs, "quick": args.quick,
+                "max_cells": args.max_cells,
+                "weights": weights_info(args.init), "celltypist_genes": args.celltypist_genes,
+                "celltypist_max_iter": args.celltypist_max_iter,
+                "celltypist_sgd": args.celltypist_sgd,
+                "celltypist_feature_selection": args.celltypist_feature_selection,
+                "p_thres": args.p_thres, "device": args.device, "threads": args.threads}
+    runs: list[dict[str, Any]] = []
+    if args.resume and (out / "reference.json").exists():
+        old = json.loads((out / "reference.json").read_text())
+        same = ("epochs", "max_cells", "weights", "celltypist_genes", "celltypist_max_iter",
+                "p_thres")
+        if any(old["settings"].get(k) != settings[k] for k in same):
+            print(f"--resume: {out}/reference.json was made with other settings "
+                  f"({', '.join(same)}); pass another --out", file=sys.stderr)
+            return 2
+        runs = [r for r in old["runs"] if "error" not in r]
+    payload = {"command": "python benchmarks/reference.py " + " ".join(sys.argv[1:] if argv
+                                                                        is None else argv),
+               "started": datetime.now(UTC).isoformat(timespec="seconds"), "finished": None,
+               "machine": machine_info(), "settings": settings, "runs": runs}
+    done = {(r["experiment"], r["method"], r["seed"]) for r in runs}
+    cfgs = [stream_config(exp, init=args.init) for exp in args.experiments]
+    if args.max_cells is not None:
+        root = capped_data(cfgs, root=root, max_cells=args.max_cells,
+                           out=out / f"data_max{args.max_cells}")
+    t_all = time.perf_counter()
+    for cfg in cfgs:
+        for seed in args.seeds:
+            for method in args.strategies:
+                if (cfg.name, method, seed) in done:
+                    continue
+                ts = time.perf_counter()
+                try:
+                    if method == "celltypist":
+                        res = run_celltypist(cfg, seed=seed, root=root,
+                                             genes_mode=args.celltypist_genes,
+                                             p_thres=args.p_thres,
+                                             max_iter=args.celltypist_max_iter,
+                                             use_sgd=args.celltypist_sgd,
+                                             feature_selection=args.celltypist_feature_selection,
+                                             n_jobs=args.threads)
+                        new = [{"experiment": cfg.name, "method": m, "seed": seed, **r}
+                               for m, r in res.items()]
+                    else:
+                        r = run_canal(cfg, strategy=method, seed=seed, epochs=args.epochs,
+                                      root=root, plots=args.plots,
+                                      out=out / "runs" / cfg.name / f"{method}_seed{seed}")
+                        new = [{"experiment": cfg.name, "method": method, "seed": seed, **r}]
+                except Exception:  # noqa: BLE001 - keep the other runs going, report at the end
+                    err = traceback.format_exc()
+                    print(err, file=sys.stderr)
+                    new = [{"experiment": cfg.name, "method": method, "seed": seed,
+                            "error": err, "seconds": time.perf_counter() - ts}]
+                runs += new
+                _check_splits(runs, cfg.name, seed)
+                write_report(out, payload)
+                for r in new:
+                    accs = "; ".join(f"{t} acc {m['accuracy']:.3f}"
+                                     for t, m in r.get("tests", {}).items())
+                    print(f"[{cfg.name}] seed {seed} {r['method']}: "
+                          f"{'FAILED' if 'error' in r else accs} ({r['seconds']:.1f} s; total "
+                          f"{(time.perf_counter() - t_all) / 60:.1f} min)", flush=True)
+    payload["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    text = write_report(out, payload)
+    print()
+    print(text)
+    print(f"wrote {out / 'reference.md'} and {out / 'reference.json'}")
+    return 1 if any("error" in r for r in runs) else 0
+
+
+class _OnlyOnce(logging.Filter):
+    """Let each distinct log message through once (canal warns per stage and test set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _check_splits(runs: list[dict[str, Any]], exp: str, seed: int) -> None:
+    """Warn when two methods of one experiment and seed trained on different cell counts."""
+    counts = {r["method"]: tuple(r["n_train_cells"]) for r in runs
+              if r["experiment"] == exp and r["seed"] == seed and "n_train_cells" in r}
+    if len(set(counts.values())) > 1:
+        logger.warning("%s seed %d: methods trained on different cells per stage: %s", exp,
+                       seed, counts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""benchmarks/reference.py: normalization, ortholog renaming, summary tables, one tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "reference.py"
+
+TINY_STREAM = """
+name = "tiny_reference"
+holdout = 0.25
+[train]
+lr = 3e-3
+bank_size = 60
+[[stages]]
+file = "immune/kang_ctrl_8donors.h5ad"
+where = { batch = ["1015"] }
+types = ["B", "NK", "CD14 Mono"]
+[[stages]]
+file = "immune/kang_ctrl_8donors.h5ad"
+where = { batch = ["1256"] }
+types = ["B", "NK", "FCGR3A Mono"]
+[[tests]]
+name = "donor 101"
+file = "immune/kang_ctrl_8donors.h5ad"
+where = { batch = ["101"] }
+types = ["B", "NK", "CD14 Mono", "FCGR3A Mono", "DC"]
+"""
+
+
+@pytest.fixture(scope="module")
+def reference():
+    spec = importlib.util.spec_from_file_location("reference_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_log1p_cells_renames_orthologs_and_keeps_totals(reference):
+    counts = sp.csr_matrix(np.array([[1, 3, 0, 6], [0, 2, 2, 0]], dtype=np.float32))
+    adata = ad.AnnData(counts, obs=pd.DataFrame({"cell_type": ["a", "b"]}, index=["c1", "c2"]),
+                       var=pd.DataFrame(index=["Gcg", "Ins1", "Xyz", "Sst"]))
+    table = pd.DataFrame({"human": ["GCG", "SST"], "mouse": ["Gcg", "Sst"]})
+    out = reference.log1p_cells(adata, labels_key="cell_type", orthologs=table)
+    assert list(out.var_names) == ["GCG", "mouse:Ins1", "mouse:Xyz", "SST"]
+    np.testing.assert_allclose(np.expm1(out.X.toarray()).sum(axis=1), 1e4, rtol=1e-5)
+    assert adata.X[0, 0] == 1  # input untouched
+
+
+def test_summary_mean_std_and_table(reference):
+    def run(method, seed, acc, h=None):
+        test = {"accuracy": acc, "macro_f1": acc, "ari": acc, "novel_types": []}
+        if h is not None:
+            test |= {"h_score": h, "novel_types": ["gamma"]}
+        return {"experiment": "x", "method": method, "seed": seed, "seconds": 1.0,
+                "average_accuracy": 0.9, "backward_transfer": -0.1, "tests": {"t": test}}
+
+    runs = [run("canal", 0, 0.8, 0.5), run("canal", 1, 0.9, 0.7), run("celltypist", 0, 0.7, 0.0)]
+    runs[-1] |= {"n_genes": 123, "converged": True, "train_seconds": 2.0}
+    summary = reference.summarize_runs(runs)
+    stat = summary["x"]["canal"]["t/accuracy"]
+    assert stat["n"] == 2 and stat["mean"] == pytest.approx(0.85)
+    assert stat["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    table = reference.experiment_table("x", runs, summary["x"])
+    assert table.splitlines()[0].startswith("| method | t acc | t F1 | t ARI | t H |")
+    assert "0.850 ± 0.071" in table and "-0.100 ± 0.000" in table
+    assert "novel types gamma" in table and "trained on 123 genes" in table
+
+
+@pytest.fixture
+def restore_globals():
+    """main() sets torch threads, canal.settings and logger levels: put them back."""
+    import logging
+
+    import torch
+
+    from canal import settings
+
+    threads = torch.get_num_threads()
+    saved = (settings.num_threads, settings.device, settings.progress)
+    levels = {n: logging.getLogger(n).level for n in ("canal", "celltypist", "reference")}
+    yield
+    torch.set_num_threads(threads)
+    settings.num_threads, settings.device, settings.progress = saved
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_tiny_run_writes_report(reference, tmp_path, data_root, capsys, restore_globals):
+    cfg = tmp_path / "tiny_reference.toml"
+    cfg.write_text(TINY_STREAM)
+    out = tmp_path / "out"
+    rc = reference.main(["--experiments", str(cfg), "--strategies", "naive", "celltypist",
+                         "--init", "random", "--epochs", "1", "--seeds", "0",
+                         "--celltypist-max-iter", "50", "--data-dir", str(data_root),
+                         "--max-cells", "3000",
+                         "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    payload = json.loads((out / "reference.json").read_text())
+    methods = {r["method"] for r in payload["runs"]}
+    assert methods == {"naive", "celltypist", "celltypist prob"}
+    counts = {tuple(r["n_train_cells"]) for r in payload["runs"]}
+    assert len(counts) == 1  # CellTypist trained on the stream's own training split
+    ct = next(r for r in payload["runs"] if r["method"] == "celltypist")
+    assert ct["tests"]["donor 101"]["novel_types"] == ["DC"]
+    assert ct["tests"]["donor 101"]["unknown_accuracy"] == 0.0  # best match: no Unassigned
+    assert ct["n_genes"] == 1287 and ct["average_accuracy"] > 0.5
+    assert payload["machine"]["cpu_count"] and payload["machine"]["torch"]
+    capped = ad.read_h5ad(out / "data_max3000" / "immune" / "kang_ctrl_8donors.h5ad")
+    assert capped.n_obs == 3000
+    text = (out / "reference.md").read_text()
+    assert "## tiny_reference" in text and "| naive (n=1) |" in text
+    assert "## tiny_reference" in capsys.readouterr().out
