@@ -498,9 +498,11 @@ def weights_info(init: str | None) -> dict[str, Any]:
 
 def write_report(out: Path, payload: dict[str, Any]) -> str:
     """Write ``reference.json`` and ``reference.md``; return the Markdown."""
+    from canal.io import to_jsonable
+
     runs = payload["runs"]
     payload["summary"] = summarize_runs(runs)
-    (out / "reference.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+    (out / "reference.json").write_text(json.dumps(payload, indent=1, default=to_jsonable))
     m = payload["machine"]
     a = payload["settings"]
     parts = [
@@ -534,15 +536,6 @@ def write_report(out: Path, payload: dict[str, Any]) -> str:
     (out / "reference.md").write_text(text)
     return text
 
-
-def _jsonable(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(type(obj).__name__)
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         torch.save(state, tmp / WEIGHTS)
         meta = dict(checkpoint.meta)
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, versions=versions())
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=False, default=_jsonable))
-        (tmp / HISTORY).write_text(json.dumps(checkpoint.history, indent=2, default=_jsonable))
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=False, default=to_jsonable))
+        (tmp / HISTORY).write_text(json.dumps(checkpoint.history, indent=2, default=to_jsonable))
         if checkpoint.bank is not None:
             checkpoint.bank.write_h5ad(tmp / BANK)
         if checkpoint.optimizer is not None:
@@ -94,7 +94,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def _jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
     import numpy as np
 
     if isinstance(obj, np.generic):

@@ -40,6 +40,7 @@ from canal import distributed, pp
 from canal._settings import settings
 from canal.data import CellData
 from canal.nn import CanalNet
+from canal.train import check_loop_options
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,7 @@ class PretrainConfig:
                 and self.replace_prob + self.random_token_prob <= 1):
             raise ValueError("replace_prob and random_token_prob must be in [0, 1] and sum to "
                              "at most 1")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+        check_loop_options(self)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be at least 1 (or None)")
 

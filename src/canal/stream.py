@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from canal import metrics
+from canal import io, metrics
 from canal._settings import data_dir, settings
 from canal.model import Annotator
 from canal.nn import ModelConfig
@@ -312,7 +312,7 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     if save_model:
         model.save(out / "model")
         results["model"] = str(out / "model")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=io.to_jsonable))
     if len(R):
         R.to_csv(out / "accuracy_matrix.csv")
     table = pd.DataFrame(records)
@@ -323,13 +323,6 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
         _plots(results, R, table, out)
     return results
 
-
-def _jsonable(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(type(obj).__name__)
 
 
 def _plots(results: dict, R: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:

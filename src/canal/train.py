@@ -43,6 +43,17 @@ STRATEGIES: dict[str, tuple[bool, bool, bool]] = {
 }
 
 
+def check_loop_options(config) -> None:
+    """Checks shared by the training configs: ``precision``, ``val_fraction``, ``epochs``,
+    ``batch_size``."""
+    if config.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}")
+    if not 0 <= config.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ValueError("epochs and batch_size must be at least 1")
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """Hyper-parameters of one fine-tuning stage (saved in the checkpoint history).
@@ -99,12 +110,7 @@ class StageConfig:
                              f"{self.strategy!r}")
         if self.trainable not in ("canal", "head", "all"):
             raise ValueError(f"trainable must be 'canal', 'head' or 'all', got {self.trainable!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+        check_loop_options(self)
 
     @property
     def uses_replay(self) -> bool:
