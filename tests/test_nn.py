@@ -100,3 +100,38 @@ def test_loads_scbert_keys_and_shapes():
     small = CanalNet(TINY.replace(n_genes=len(panel), depth=2))
     with pytest.raises(ValueError, match="ModelConfig.paper"):
         load_scbert_state_dict(small, sd, scbert_genes=scbert_genes, panel=panel)
+
+
+def test_attention_kernel_matches_favor_formula_with_and_without_grad():
+    # the fused, in-place kernel must equal FAVOR+'s textbook form, and give the same gradient
+    from canal.nn.performer import (
+        gaussian_orthogonal_random_matrix,
+        linear_attention,
+        softmax_kernel,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 16, generator=gen) for _ in range(3))
+    proj = gaussian_orthogonal_random_matrix(44, 16, generator=gen)
+
+    def reference(q, k, v):
+        def feats(x, query):
+            norm, ratio = x.shape[-1] ** -0.25, proj.shape[0] ** -0.5
+            dash = (norm * x) @ proj.T
+            diag = (x * x).sum(-1, keepdim=True) * 0.5 * norm**2
+            stab = dash.amax(-1, keepdim=True) if query else dash.amax((-1, -2), keepdim=True)
+            return ratio * (torch.exp(dash - diag - stab.detach()) + 1e-4)
+        qf, kf = feats(q, True), feats(k, False)
+        d_inv = 1.0 / torch.einsum("...nd,...d->...n", qf, kf.sum(-2))
+        return torch.einsum("...de,...nd,...n->...ne", kf.transpose(-1, -2) @ v, qf, d_inv)
+
+    def fused(q, k, v):
+        return linear_attention(softmax_kernel(q, proj, is_query=True),
+                                softmax_kernel(k, proj, is_query=False), v)
+
+    with torch.no_grad():
+        torch.testing.assert_close(fused(q, k, v), reference(q, k, v))
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    fused(qa, k, v).square().sum().backward()
+    reference(qb, k, v).square().sum().backward()
+    torch.testing.assert_close(qa.grad, qb.grad)

@@ -59,7 +59,8 @@ def test_log1p_cells_renames_orthologs_and_keeps_totals(reference):
 
 def test_summary_mean_std_and_table(reference):
     def run(method, seed, acc, h=None):
-        test = {"accuracy": acc, "macro_f1": acc, "ari": acc, "novel_types": []}
+        test = {"accuracy": acc, "closed_accuracy": acc + 0.05, "macro_f1": acc, "ari": acc,
+                "novel_types": []}
         if h is not None:
             test |= {"h_score": h, "novel_types": ["gamma"]}
         return {"experiment": "x", "method": method, "seed": seed, "seconds": 1.0,
@@ -72,8 +73,9 @@ def test_summary_mean_std_and_table(reference):
     assert stat["n"] == 2 and stat["mean"] == pytest.approx(0.85)
     assert stat["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     table = reference.experiment_table("x", runs, summary["x"])
-    assert table.splitlines()[0].startswith("| method | t acc | t F1 | t ARI | t H |")
-    assert "0.850 ± 0.071" in table and "-0.100 ± 0.000" in table
+    assert table.splitlines()[0].startswith(
+        "| method | t acc | t closed acc | t F1 | t ARI | t H |")
+    assert "0.850 ± 0.071 | 0.900 ± 0.071" in table and "-0.100 ± 0.000" in table
     assert "novel types gamma" in table and "trained on 123 genes" in table
 
 
