@@ -148,7 +148,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     res = run_stream(args.config, out_dir=out, root=args.data_dir, strategy=args.strategy,
-                     seed=args.seed, epochs=args.epochs)
+                     seed=args.seed, epochs=args.epochs, test_every_stage=not args.tests_last)
     print(f"\n{res['name']} ({res['strategy']}, seed {res['seed']}, {res['seconds']:.0f}s)")
     print(format_table(res))
     print(f"results, tables and plots in {out}/")
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["canal", "naive", "replay", "distill", "joint"])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tests-last", action="store_true",
+                   help="annotate the test sets after the last stage only (faster; the stages' "
+                        "held-out cells are still scored after every stage)")
     p.set_defaults(func=_cmd_stream)
 
     p = sub.add_parser("demo", help="the pancreas reference experiment from shipped weights")
