@@ -60,12 +60,18 @@ def test_tiny_stream_writes_results(tmp_path, data_root):
     assert (out / "test_accuracy.png").exists() and (out / "test_human4.csv").exists()
 
 
-def test_tests_after_last_stage_only(tmp_path, data_root):
+def test_tests_after_last_stage_only(tmp_path, data_root, capsys, monkeypatch):
+    from canal import settings
+
+    monkeypatch.setattr(settings, "progress", True)
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY_STREAM.replace("epochs = 3", "epochs = 1"))
     res = run_stream(cfg, out_dir=tmp_path / "out", root=data_root, test_every_stage=False,
                      plots=False, save_model=False)
     assert [r["stage"] for r in res["tests"]] == [2] and res["final"] == res["tests"]
+    # progress after stage 1 reports the held-out cells, after the last stage the test sets
+    out = capsys.readouterr().out
+    assert "stage 1/2 " in out and "stage 1 held-out acc" in out and "human4 acc" in out
     # the stages' held-out cells are still scored after every stage (forgetting needs them)
     assert res["backward_transfer"] is not None
 

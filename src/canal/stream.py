@@ -306,9 +306,11 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
             m = _evaluate(model, tdata, tspec, novelty=cfg.novelty)
             records.append({"stage": t, "test": tspec.name, **m})
         if settings.progress:
-            last = [r for r in records if r["stage"] == t]
+            # the test sets when they were scored after this stage, else the held-out cells
+            last = [(r["test"], r["accuracy"]) for r in records if r["stage"] == t] or \
+                [(r["test"] + " held-out", r["accuracy"]) for r in matrix if r["stage"] == t]
             print(f"[{cfg.name}] stage {t}/{len(cfg.stages)} {spec.name}: "
-                  + "; ".join(f"{r['test']} acc {r['accuracy']:.3f}" for r in last), flush=True)
+                  + "; ".join(f"{name} acc {acc:.3f}" for name, acc in last), flush=True)
     R = metrics.accuracy_matrix(matrix) if matrix else pd.DataFrame()
     final = [r for r in records if r["stage"] == len(cfg.stages)]
     results = {
@@ -334,7 +336,6 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     if plots:
         _plots(results, R, table, out)
     return results
-
 
 
 def _plots(results: dict, R: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:
