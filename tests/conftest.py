@@ -13,7 +13,8 @@ from canal import Annotator, ModelConfig
 from canal._settings import data_dir, settings
 
 settings.progress = False
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# CANAL_TEST_THREADS=1 lets two suites share the 2-core machine without thrashing
+torch.set_num_threads(int(os.environ.get("CANAL_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 TINY = ModelConfig(dim=16, depth=2, heads=2, dim_head=8, head_hidden=32, rep_dim=16, seed=0)
 
