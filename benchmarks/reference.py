@@ -143,27 +143,24 @@ def stream_config(name: str, *, init: str | None):
 def stream_data(cfg, *, root: Path, seed: int) -> tuple[list, list, list]:
     """The cells a stream run with ``seed`` trains on, holds out and tests on.
 
-    Mirrors :func:`canal.stream.run_stream`: each stage's cells (``load_cells``) are split by
-    ``stratified_part(labels, 1 - holdout, seed)``.
+    The same selection and split as :func:`canal.stream.run_stream` (both call
+    :func:`canal.datasets.load_cells` and :func:`canal.datasets.holdout_split`).
 
     Returns
     -------
     ``(train, hold, tests)``: lists of ``(DataSpec, AnnData)``; ``hold`` is empty when the
     config has no holdout.
     """
-    from canal.stream import load_cells, stratified_part
+    from canal.datasets import holdout_split, load_cells
 
     cache: dict = {}
     train, hold = [], []
     for spec in cfg.stages:
-        cells = load_cells(spec, root=root, cache=cache)
-        if cfg.holdout > 0:
-            labels = cells.obs[spec.labels_key].astype(str).to_numpy()
-            keep = stratified_part(labels, 1 - cfg.holdout, seed)
-            train.append((spec, cells[keep].copy()))
-            hold.append((spec, cells[~keep].copy()))
-        else:
-            train.append((spec, cells))
+        t, h = holdout_split(load_cells(spec, root=root, cache=cache),
+                             labels_key=spec.labels_key, holdout=cfg.holdout, seed=seed)
+        train.append((spec, t))
+        if h is not None:
+            hold.append((spec, h))
     tests = [(spec, load_cells(spec, root=root, cache=cache)) for spec in cfg.tests]
     return train, hold, tests
 
