@@ -44,7 +44,7 @@ def test_bank_holds_best_ranked_cells_and_round_trips(tiny_model, donors):
     for proto in ("classifier", "mean"):
         weight = torch.randn(len(library), rep.shape[1], generator=torch.Generator().manual_seed(0))
         bank = ExampleBank(50, prototype=proto)
-        bank.update(data.X, labels, rep, library=library, classifier_weight=weight,
+        bank.update(data, labels, rep, library=library, classifier_weight=weight,
                     stage=np.ones(len(labels), int), cell_names=donors["human1"].obs_names)
         counts = bank.counts()
         assert len(bank) == 50 and max(counts.values()) - min(counts.values()) <= 1
@@ -156,3 +156,24 @@ def test_cli_fits_the_three_pancreas_stages(tmp_path, data_root, panel):
     assert {"activated_stellate", "endothelial", "quiescent_stellate"} <= set(model.cell_types)
     assert "mast" not in model.cell_types  # < 10 cells in human3
     assert len(model.history) == 3
+
+
+def test_failed_stage_leaves_the_model_exactly_as_it_was(tiny_model, donors):
+    before = {k: v.clone() for k, v in tiny_model.net.state_dict().items()}
+    with pytest.raises(ValueError, match="learning rate"):
+        tiny_model.fit_stage(donors["human1"], config=FAST.replace(lr=float("nan")))
+    assert tiny_model.stage == 0 and tiny_model.cell_types == [] and tiny_model.bank is None
+    after = tiny_model.net.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    tiny_model.fit_stage(donors["human1"], config=FAST.replace(epochs=1))
+    assert tiny_model.history[-1]["new_types"] == sorted(set(donors["human1"].obs["cell_type"]))
+
+
+def test_unassigned_training_label_is_refused(tiny_model, donors):
+    cells = donors["human1"].copy()
+    cells.obs["cell_type"] = cells.obs["cell_type"].astype(str)
+    cells.obs.iloc[:3, cells.obs.columns.get_loc("cell_type")] = "Unassigned"
+    with pytest.raises(ValueError, match="Unassigned"):
+        tiny_model.fit_stage(cells, config=FAST)
+    assert tiny_model.stage == 0

@@ -153,7 +153,7 @@ def test_torchrun_fit_matches_single_process(stage_files, tmp_path):
     assert logits.shape == (cells.n_obs, len(model.cell_types)) and torch.isfinite(logits).all()
     labels = cells.obs["cell_type"].astype(str).to_numpy()
     again = ExampleBank(60)
-    again.update(prepared.X, labels, rep, library=model.cell_types,
+    again.update(prepared, labels, rep, library=model.cell_types,
                  classifier_weight=model.net.head.classifier.weight.detach(),
                  stage=np.ones(cells.n_obs, int), cell_names=cells.obs_names)
     assert again.obs["cell"].tolist() == model.bank.obs["cell"].tolist()

@@ -39,7 +39,7 @@ def test_log_normalize_matches_scanpy_and_never_twice(baron):
 def test_prepare_reorders_and_zero_fills(baron, panel):
     sub = baron[:50]
     genes = [panel[3], "NOT_A_GENE", panel[0]] + panel[10:200]
-    x = pp.prepare(sub, genes, min_overlap=0.1)
+    x = pp.prepare(sub, genes, match=pp.GeneMatch(min_overlap=0.1))
     full = pp.log_normalize(sub)
     col = {g: i for i, g in enumerate(sub.var_names)}
     np.testing.assert_allclose(x[:, 0].toarray(), full[:, col[panel[3]]].toarray())
@@ -50,14 +50,39 @@ def test_prepare_reorders_and_zero_fills(baron, panel):
 def test_partial_panel_warns(seger, baron, caplog):
     # Segerstolpe/Lawlor ships only 1,213 genes: a panel half made of other genes is partial
     others = [g for g in baron.var_names if g not in set(seger.var_names)]
-    panel = list(seger.var_names[:100]) + others[:100]
+    panel = list(seger.var_names[:60]) + others[:140]
     with caplog.at_level(logging.WARNING, logger="canal"):
         al = pp.align_genes(seger.var_names, panel)
-    assert 0.2 <= al.fraction < 0.8
-    assert "model genes" in caplog.text
+    assert al.fraction == 0.3 and al.fraction < pp.WARN_OVERLAP
+    assert "60 of 200 model genes (30%) measured" in caplog.text
+    assert "not measured" in caplog.text
+    np.testing.assert_array_equal(al.measured, np.arange(200) < 60)
     x = pp.prepare(seger[:20], panel)
     missing = np.flatnonzero(al.source_index < 0)
     assert x[:, missing].nnz == 0 and x.shape == (20, len(panel))
+
+
+def test_few_genes_error_names_a_filtered_gene_set(seger, baron):
+    # a published processed matrix keeping few genes: the message says so (not "symbols")
+    others = [g for g in baron.var_names if g not in set(seger.var_names)]
+    panel = list(seger.var_names[:5]) + others[:195]
+    with pytest.raises(ValueError, match="filtered gene set") as err:
+        pp.GeneMatch().align(seger, panel)
+    assert "5 of 200" in str(err.value) and "min_overlap" in str(err.value)
+    # the floor is an option: lowered, the same data are read
+    al = pp.GeneMatch(min_overlap=0.01).align(seger, panel)
+    assert al.n_found == 5
+
+
+def test_gene_match_round_trip_and_resolve():
+    m = pp.GeneMatch(orthologs=True, min_overlap=0.1)
+    assert pp.GeneMatch.from_dict(m.to_dict()) == m
+    assert pp.GeneMatch.resolve(None, m) is m
+    assert pp.GeneMatch.resolve({"layer": "counts"}, m) == m.replace(layer="counts")
+    with pytest.raises(ValueError, match="newer canal"):
+        pp.GeneMatch.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="shares"):
+        pp.GeneMatch(min_overlap=2)
 
 
 def test_mouse_through_orthologs(baron_mouse, panel):

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 
+import anndata as ad
 import pandas as pd
+import pytest
 
 from canal.cli import main
 from canal.stream import StreamConfig, run_stream
@@ -92,3 +94,44 @@ def test_cli_stream(tmp_path, data_root, capsys):
     assert "| human4 |" in text and "backward transfer" in text
     saved = json.loads((tmp_path / "o" / "results.json").read_text())
     assert {r["stage"] for r in saved["tests"]} == {2}  # --tests-last
+
+
+MOUSE_STAGE_STREAM = """
+name = "mouse stage"
+holdout = 0.25
+[model]
+init = "{init}"
+[train]
+epochs = 1
+lr = 3e-3
+bank_size = 40
+[[stages]]
+file = "pancreas/baron_mouse.h5ad"
+types = ["alpha", "beta", "delta"]
+orthologs = true
+[[tests]]
+name = "mouse"
+file = "pancreas/baron_mouse.h5ad"
+types = ["alpha", "beta", "delta"]
+orthologs = true
+"""
+
+
+def test_mouse_stage_is_matched_through_orthologs(tmp_path, data_root, panel):
+    """A stage entry's `orthologs = true` reaches fit_stage and the held-out predict (it once
+    reached only the test sets: a mouse stage was matched to human genes by exact symbol)."""
+    from canal import Annotator
+    from tests.conftest import TINY
+
+    Annotator.create(None, genes=panel, config=TINY).save(tmp_path / "human")
+    cfg = tmp_path / "mouse.toml"
+    cfg.write_text(MOUSE_STAGE_STREAM.format(init=tmp_path / "human"))
+    res = run_stream(cfg, out_dir=tmp_path / "out", root=data_root, plots=False)
+    model = Annotator.from_pretrained(tmp_path / "out" / "model")
+    assert model.match.orthologs is True  # stored with the model, reused by later calls
+    assert model.cell_types == ["alpha", "beta", "delta"]
+    assert res["accuracy_matrix"] is not None and res["final"][0]["accuracy"] > 0
+    # read without orthologs, the human model finds almost none of its genes in mouse data
+    cells = ad.read_h5ad(data_root / "pancreas" / "baron_mouse.h5ad")[:50]
+    with pytest.raises(ValueError, match="orthologs"):
+        model.predict(cells, match={"orthologs": False}, novelty="none")

@@ -29,13 +29,23 @@ class _Settings:
     progress
         Show tqdm progress bars.
     num_threads
-        Torch intra-op threads; ``None`` leaves torch's default.
+        Torch intra-op threads (set at once with ``torch.set_num_threads``); reads torch's
+        current value.
     """
 
     device: str = "auto"
     progress: bool = True
-    num_threads: int | None = None
     _verbosity: str = "warning"
+
+    @property
+    def num_threads(self) -> int:
+        return torch.get_num_threads()
+
+    @num_threads.setter
+    def num_threads(self, n: int) -> None:
+        if int(n) < 1:
+            raise ValueError(f"num_threads must be a positive integer, got {n!r}")
+        torch.set_num_threads(int(n))
 
     @property
     def verbosity(self) -> str:
@@ -58,10 +68,6 @@ class _Settings:
         if choice == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(choice)
-
-    def apply_threads(self) -> None:
-        if self.num_threads is not None:
-            torch.set_num_threads(int(self.num_threads))
 
 
 settings = _Settings()

@@ -17,7 +17,6 @@ Novel cells (``Unassigned``) are called with CANAL's novelty score (:mod:`canal.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,25 +26,28 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from canal import novelty as nov
 from canal import pp
-from canal._settings import settings
-from canal.data import CellData
+from canal.data import Batch, CellData
 from canal.metrics import UNASSIGNED
-from canal.nn import CanalNet
+from canal.nn import CanalNet, CellOutput
+from canal.runtime import (
+    BATCH_SIZE,
+    Precision,
+    check_batch_size,
+    check_precision,
+    eval_mode,
+    forward_cells,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Annotation", "NetOutputs", "annotate", "calibration", "forward", "results_frame",
-           "write_results"]
+__all__ = ["Annotation", "annotate", "calibration", "results_frame", "write_results"]
 
-Precision = Literal["fp32", "bf16"]
 Novelty = Literal["energy", "calibrated", "none"]
 
-#: CANAL's energy temperature.
-TEMPERATURE = 0.8
+TEMPERATURE = nov.TEMPERATURE
 #: Below this many cells, transductive (``"energy"``) normalisation is flagged as unreliable.
 _FEW_CELLS = 50
 #: Cells read from the file per chunk (rounded to a multiple of the batch size).
@@ -58,100 +60,14 @@ _CALIBRATION_KEYS = ("energy_min", "energy_max", "threshold", "temperature")
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class NetOutputs:
-    """Per-cell network outputs on the CPU, in ``float32``."""
-
-    representation: torch.Tensor
-    logits: torch.Tensor
-
-
-def _check_precision(precision: str) -> str:
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    return precision
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
-
-
-@contextlib.contextmanager
-def _eval_mode(net: torch.nn.Module) -> Iterator[None]:
-    """Put ``net`` in eval mode (no dropout) and restore its previous mode afterwards."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(was_training)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def token_batches(blocks: Iterable[sp.csr_matrix], batch_size: int) -> Iterator[torch.Tensor]:
-    """Bin each ``batch_size`` rows of the panel blocks into a token tensor."""
+def panel_batches(blocks: Iterable[sp.csr_matrix], batch_size: int, *,
+                  measured: np.ndarray) -> Iterator[Batch]:
+    """Bin each ``batch_size`` rows of the panel blocks; ``measured`` is the dataset's gene mask."""
+    present = None if measured.all() else pp.present_mask(measured[None])
     for block in blocks:
         for start in range(0, block.shape[0], batch_size):
-            yield pp.bin_tokens(block[start:start + batch_size])
-
-
-@torch.inference_mode()
-def forward(net: CanalNet, batches: Iterable[torch.Tensor], *, n_cells: int,
-            precision: Precision = "fp32",
-            device: str | torch.device | None = None) -> NetOutputs:
-    """Run ``net`` over token batches (eval mode, no gradients, optional bf16 autocast).
-
-    Outputs are copied into tensors allocated once for all ``n_cells`` cells: keeping a small
-    tensor per batch instead fragments the heap between the large per-batch temporaries, and
-    resident memory then grows with the number of batches.
-
-    Parameters
-    ----------
-    net
-        The network; it is moved to ``device`` and its train/eval mode is restored afterwards.
-    batches
-        ``(cells, seq_len)`` token tensors, e.g. from :func:`token_batches`.
-    n_cells
-        Total cells in ``batches``.
-    precision
-        ``"fp32"`` or ``"bf16"`` (autocast of the matrix products; the attention kernel stays
-        in float32).
-    device
-        Torch device; ``None`` uses ``canal.settings.device``.
-
-    Returns
-    -------
-    :class:`NetOutputs` with ``float32`` CPU tensors.
-    """
-    _check_precision(precision)
-    dev = settings.torch_device(device)
-    net.to(dev)
-    reps = torch.empty(n_cells, net.config.rep_dim)
-    logits = torch.empty(n_cells, net.head.n_classes)
-    done = 0
-    bar = tqdm(total=n_cells, unit="cell", desc="canal predict", disable=not settings.progress,
-               leave=False)
-    with _eval_mode(net), _autocast(dev, precision):
-        for tokens in batches:
-            stop = done + tokens.shape[0]
-            if stop > n_cells:
-                raise ValueError(f"more than n_cells={n_cells} cells in the batches")
-            out = net(tokens.to(dev, non_blocking=True))
-            reps[done:stop] = out.representation.float()
-            logits[done:stop] = out.logits.float()
-            done = stop
-            bar.update(tokens.shape[0])
-    bar.close()
-    if done != n_cells:
-        raise ValueError(f"the batches held {done} cells, not n_cells={n_cells}")
-    return NetOutputs(reps, logits)
+            tokens = pp.bin_tokens(block[start:start + batch_size])
+            yield Batch(tokens, None if present is None else present.expand(len(tokens), -1))
 
 
 def _classifier(net: CanalNet):
@@ -169,7 +85,7 @@ def _classifier(net: CanalNet):
 # --------------------------------------------------------------------------------------------
 
 
-def calibration(net: CanalNet, data: CellData, *, batch_size: int = 64,
+def calibration(net: CanalNet, data: CellData, *, batch_size: int = BATCH_SIZE,
                 temperature: float = TEMPERATURE, seed: int = 0,
                 precision: Precision = "fp32",
                 device: str | torch.device | None = None) -> dict[str, Any]:
@@ -200,16 +116,16 @@ def calibration(net: CanalNet, data: CellData, *, batch_size: int = 64,
         The keys of :func:`canal.novelty.calibrate` (``energy_min``, ``energy_max``,
         ``threshold``, ``temperature``, ``n_cells``) plus ``seed``; JSON-serialisable.
     """
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if data.n_cells < 2:
         raise ValueError(f"calibration needs at least 2 reference cells, got {data.n_cells}; "
                          "pass the training cells or the example bank")
     if net.head.n_classes == 0:
         raise ValueError("the network has no cell types yet; calibrate after a training stage")
-    out = forward(net, (tok for _, tok in data.batches(batch_size)), n_cells=data.n_cells,
-                  precision=precision, device=device)
+    out = forward_cells(net, (b for _, b in data.batches(batch_size)), n_cells=data.n_cells,
+                        precision=precision, device=device)
     gen = torch.Generator().manual_seed(int(seed))
-    with _eval_mode(net):
+    with eval_mode(net):
         cal = nov.calibrate(out.representation, out.logits, _classifier(net),
                             temperature=temperature, generator=gen)
     cal["seed"] = int(seed)
@@ -270,7 +186,7 @@ class Annotation:
         return pd.Categorical.from_codes(codes, categories=[*self.cell_types, UNASSIGNED])
 
 
-def _novelty(outputs: NetOutputs, classify, *, mode: str, cal: Mapping | None,
+def _novelty(outputs: CellOutput, classify, *, mode: str, cal: Mapping | None,
              temperature: float, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """Novelty scores and the threshold, with the params describing them."""
     logits = outputs.logits
@@ -307,12 +223,9 @@ def annotate(
     *,
     novelty: Novelty = "energy",
     calibration: Mapping[str, Any] | None = None,
-    batch_size: int = 64,
+    match: pp.GeneMatch | None = None,
+    batch_size: int = BATCH_SIZE,
     precision: Precision = "fp32",
-    layer: str | None = None,
-    case_insensitive: bool = False,
-    orthologs: bool | str = False,
-    min_overlap: float = 0.2,
     temperature: float = TEMPERATURE,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -339,8 +252,9 @@ def annotate(
         Cells per forward pass; results do not depend on it.
     precision
         ``"fp32"`` or ``"bf16"`` autocast.
-    layer, case_insensitive, orthologs, min_overlap
-        Input and gene matching, see :func:`canal.pp.iter_panel_blocks`.
+    match
+        How expression is read and genes matched (:class:`canal.pp.GeneMatch`). Panel genes
+        the data lack are not measured: they take no part in the computation.
     temperature
         Energy temperature of the ``"energy"`` mode (the calibrated mode uses the calibrated one).
     seed
@@ -354,8 +268,9 @@ def annotate(
     """
     if novelty not in ("energy", "calibrated", "none"):
         raise ValueError(f"novelty must be 'energy', 'calibrated' or 'none', got {novelty!r}")
-    batch_size = _check_batch_size(batch_size)
-    _check_precision(precision)
+    batch_size = check_batch_size(batch_size)
+    check_precision(precision)
+    match = match or pp.GeneMatch()
     cell_types = [str(c) for c in cell_types]
     if not cell_types or net.head.n_classes == 0:
         raise ValueError("the model has no cell types yet; train it first with "
@@ -378,15 +293,15 @@ def annotate(
     if novelty == "calibrated":
         _check_calibration(calibration)
 
-    alignment = pp.panel_alignment(adata, genes, case_insensitive=case_insensitive,
-                                   orthologs=orthologs, min_overlap=min_overlap)
+    alignment = match.align(adata, genes)
     chunk = batch_size * max(1, _CHUNK_CELLS // batch_size)
-    blocks = pp.iter_panel_blocks(adata, genes, layer=layer, chunk_size=chunk,
+    blocks = pp.iter_panel_blocks(adata, genes, match=match, chunk_size=chunk,
                                   alignment=alignment)
-    outputs = forward(net, token_batches(blocks, batch_size), n_cells=adata.n_obs,
-                      precision=precision, device=device)
+    outputs = forward_cells(net, panel_batches(blocks, batch_size, measured=alignment.measured),
+                            n_cells=adata.n_obs, precision=precision, device=device,
+                            progress="canal predict")
 
-    with _eval_mode(net):
+    with eval_mode(net):
         scores, params = _novelty(outputs, _classifier(net), mode=novelty, cal=calibration,
                                   temperature=temperature, seed=seed)
     probs = torch.softmax(outputs.logits, dim=1)
@@ -398,8 +313,10 @@ def annotate(
         logger.info("%d of %d cells Unassigned (threshold %.4f)", int(novel.sum()),
                     len(codes), params["threshold"])
     params.update(novelty_requested=requested, n_genes_found=int(alignment.n_found),
-                  n_genes=int(alignment.n_panel), batch_size=batch_size, precision=precision,
-                  n_cells=int(len(codes)))
+                  n_genes=int(alignment.n_panel), fraction_genes_measured=alignment.fraction,
+                  batch_size=batch_size, precision=precision, n_cells=int(len(codes)),
+                  **{f"match_{k}": ("" if v is None else v)
+                     for k, v in match.to_dict().items()})
     return Annotation(cell_types=cell_types, codes=codes,
                       representation=outputs.representation.numpy().astype(np.float32,
                                                                            copy=False),
@@ -413,7 +330,8 @@ def annotate(
 # --------------------------------------------------------------------------------------------
 
 
-def _keys(key_added: str) -> dict[str, str]:
+def output_keys(key_added: str = "canal") -> dict[str, str]:
+    """The obs/obsm keys that :func:`write_results` fills for ``key_added``."""
     return {"label": key_added, "confidence": f"{key_added}_confidence",
             "novelty": f"{key_added}_novelty", "rep": f"X_{key_added}",
             "probabilities": f"{key_added}_probabilities"}
@@ -429,7 +347,7 @@ def results_frame(result: Annotation, obs_names: Sequence[str], *,
         Indexed by ``obs_names``; columns ``key_added``, ``f"{key_added}_confidence"``,
         ``f"{key_added}_novelty"``, then one column per known cell type.
     """
-    keys = _keys(key_added)
+    keys = output_keys(key_added)
     clash = {keys["label"], keys["confidence"], keys["novelty"]} & set(result.cell_types)
     if clash:
         raise ValueError(f"cell type(s) {sorted(clash)} clash with the result columns; pass "
@@ -455,7 +373,7 @@ def write_results(adata, result: Annotation, *, key_added: str = "canal") -> Non
     if adata.n_obs != result.n_cells:
         raise ValueError(f"the result has {result.n_cells} cells, adata {adata.n_obs}; write it "
                          "into the AnnData that was annotated")
-    keys = _keys(key_added)
+    keys = output_keys(key_added)
     adata.obs[keys["label"]] = result.labels
     adata.obs[keys["confidence"]] = result.confidence
     adata.obs[keys["novelty"]] = result.novelty

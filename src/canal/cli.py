@@ -29,6 +29,56 @@ def _read(path: str, *, backed: bool = False):
     return ad.read_h5ad(path, backed="r" if backed else None)
 
 
+def _add_match_args(p: argparse.ArgumentParser) -> None:
+    """How the data's expression is read and genes matched (``canal.GeneMatch``); flags not
+    given keep the model's stored setting."""
+    g = p.add_argument_group("reading the data (default: the model's stored setting)")
+    g.add_argument("--layer", default=None, help="read expression from this layer, not X")
+    g.add_argument("--orthologs", action="store_const", const=True, default=None,
+                   help="match genes across human/mouse through the 1:1 ortholog table")
+    g.add_argument("--case-insensitive", action="store_const", const=True, default=None,
+                   help="match gene symbols ignoring case")
+    g.add_argument("--min-overlap", type=float, default=None,
+                   help="refuse data measuring less than this share of the model's genes "
+                        "(default 0.05)")
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls, *, title: str) -> None:
+    """One ``--field-name`` flag per field of the config dataclass ``cls`` (choices from its
+    ``Literal`` types, defaults from the class)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    g = p.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        hint, default = hints[f.name], f.default
+        flag = "--" + f.name.replace("_", "-")
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f"cfg_{f.name}",
+                           type=lambda v: v.lower() in ("1", "true", "yes"),
+                           default=default, metavar="BOOL", help=f"(default {default})")
+            continue
+        kind = type(default) if default is not None else float
+        g.add_argument(flag, dest=f"cfg_{f.name}", type=kind, choices=choices, default=default,
+                       help=f"(default {default})")
+
+
+def _config_from_args(cls, args: argparse.Namespace, **overrides):
+    import dataclasses
+
+    values = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(cls)}
+    return cls(**(values | overrides))
+
+
+def _match(args: argparse.Namespace) -> dict:
+    """The gene-match fields given on the command line (changes to the model's match)."""
+    fields = {"layer": args.layer, "orthologs": args.orthologs,
+              "case_insensitive": args.case_insensitive, "min_overlap": args.min_overlap}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     from canal import Annotator, ModelConfig
 
@@ -54,48 +104,42 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     model = Annotator.from_pretrained(args.model)
     adata = _read(args.data)
-    model.embed(adata, key_added=args.key_added)
+    model.embed(adata, key_added=args.key_added, match=_match(args))
     adata.write_h5ad(args.out)
     print(f"embedding written to {args.out} (obsm[{args.key_added!r}])")
     return 0
 
 
-def _where(adata, where: Sequence[str] | None):
-    """Keep cells matching every ``--where KEY=V1,V2`` filter."""
-    mask = None
+def _parse_where(where: Sequence[str] | None) -> dict[str, list[str]]:
+    """``--where KEY=V1,V2`` filters as a dict."""
+    out: dict[str, list[str]] = {}
     for cond in where or []:
         key, sep, values = cond.partition("=")
-        if not sep or key not in adata.obs:
+        if not sep or not key:
             raise ValueError(f"--where {cond!r}: expected KEY=VALUE[,VALUE] with KEY an obs "
-                             f"column ({list(adata.obs.columns)})")
-        m = adata.obs[key].astype(str).isin(values.split(",")).to_numpy()
-        mask = m if mask is None else mask & m
-    if mask is not None:
-        if not mask.any():
-            raise ValueError(f"--where {where} selects no cells")
-        adata = adata[mask]
-    return adata
+                             "column")
+        out[key] = values.split(",")
+    return out
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from canal import Annotator
     from canal.data import read_labels
+    from canal.datasets import type_mask, where_mask
     from canal.train import StageConfig
 
     model = Annotator.from_pretrained(args.from_)
     adata = _read(args.data)
-    adata = _where(adata, args.where)
-    labels = read_labels(adata, args.labels)
-    if args.types:
-        adata = adata[labels.isin(args.types.split(",")).to_numpy()]
-        labels = read_labels(adata, args.labels)
-    if args.min_cells > 1:
-        counts = labels.value_counts()
-        adata = adata[labels.isin(counts.index[counts >= args.min_cells]).to_numpy()]
-    config = StageConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, bank_size=args.bank_size, distill_weight=args.distill_weight,
-                         precision=args.precision, seed=args.seed)
-    model.fit_stage(adata.copy(), labels_key=args.labels, config=config)
+    read_labels(adata, args.labels)  # a clear error for a missing or incomplete column
+    mask = where_mask(adata, _parse_where(args.where), name="--where: ")
+    mask &= type_mask(adata, labels_key=args.labels,
+                      types=args.types.split(",") if args.types else None,
+                      min_cells=args.min_cells, within=mask)
+    if not mask.any():
+        raise ValueError(f"--where/--types/--min-cells select no cells of {args.data}")
+    adata = adata[mask]
+    config = _config_from_args(StageConfig, args)
+    model.fit_stage(adata.copy(), labels_key=args.labels, config=config, match=_match(args))
     model.save(args.out)
     h = model.history[-1]
     procs = f" on {h['world_size']} processes" if h.get("world_size", 1) > 1 else ""
@@ -115,9 +159,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                          "--corpus NAME (one of the two)")
     if args.corpus:
         named = load_corpus(args.corpus, root=args.data_dir)
+        matches = [_match(args) | ({"orthologs": True} if spec.orthologs else {})
+                   for _, _, spec in named]
     else:
-        named = [(Path(p).stem, _read(p)) for p in args.data]
-    names, adatas = [n for n, _ in named], [a for _, a in named]
+        named = [(Path(p).stem, _read(p), None) for p in args.data]
+        matches = [_match(args)] * len(named)
+    names, adatas = [n for n, _, _ in named], [a for _, a, _ in named]
     if args.from_:
         model = Annotator.from_pretrained(args.from_)
     else:
@@ -129,11 +176,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, lr=args.lr, mask_prob=args.mask_prob,
                             mask_on=args.mask_on, precision=args.precision, seed=args.seed,
                             checkpoint_every=args.checkpoint_every,
-                            eval_every=args.eval_every)
+                            eval_every=args.eval_every, panel_dropout=args.panel_dropout)
     _say(f"pre-training {model} on {sum(a.n_obs for a in adatas)} cells from "
          f"{len(adatas)} dataset(s)")
     rec = model.pretrain(adatas, config=config, out=args.out, resume=not args.restart,
-                         names=names, orthologs=args.orthologs)
+                         names=names, match=matches)
     f = rec.get("final") or {}
     _say(f"{rec['step']} steps, {rec.get('train_seconds', 0):.0f}s of training; held-out "
          f"masked-token accuracy {f.get('val_accuracy', float('nan')):.4f} (majority bin "
@@ -185,9 +232,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     model = Annotator.from_pretrained(args.model)
     adata = _read(args.data, backed=True)
     model.predict(adata, key_added=args.key_added, novelty=args.novelty,
-                  batch_size=args.batch_size, precision=args.precision,
-                  orthologs=args.orthologs, case_insensitive=args.case_insensitive,
-                  layer=args.layer)
+                  batch_size=args.batch_size, precision=args.precision, match=_match(args))
     adata.write_h5ad(args.out)
     counts = adata.obs[args.key_added].value_counts()
     print(f"{adata.n_obs} cells annotated; {int(counts.get('Unassigned', 0))} Unassigned; "
@@ -249,6 +294,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     groupby = None if args.groupby.lower() == "none" else args.groupby
     key = "canal_gene_importance"
     top = model.gene_importance(adata, groupby=groupby, n_top=args.n_top, method=args.method,
+                                match=_match(args),
                                 steps=args.steps, batch_size=args.batch_size, key_added=key)
     result = GeneImportance.from_uns(adata.uns[key])
     out = Path(args.out)
@@ -299,15 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", default=None, help="comma-separated cell types to keep")
     p.add_argument("--min-cells", type=int, default=1,
                    help="leave out types with fewer cells than this")
-    p.add_argument("--strategy", default=d.strategy,
-                   choices=["canal", "naive", "replay", "distill", "joint"])
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--bank-size", type=int, default=d.bank_size)
-    p.add_argument("--distill-weight", type=float, default=d.distill_weight)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
-    p.add_argument("--seed", type=int, default=d.seed)
+    _add_config_args(p, StageConfig, title="stage hyper-parameters (canal.StageConfig)")
+    _add_match_args(p)
     p.set_defaults(func=_cmd_fit)
 
     from canal.pretrain import PretrainConfig
@@ -342,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--orthologs", action="store_true",
-                   help="match genes across human/mouse through the 1:1 ortholog table")
+    p.add_argument("--panel-dropout", type=float, default=d.panel_dropout,
+                   help="hide up to this share of measured genes in half the cells")
+    _add_match_args(p)
     p.add_argument("--restart", action="store_true",
                    help="ignore an unfinished run in --out and start afresh")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -380,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--key-added", default="X_canal")
+    p.add_argument("--key-added", default="canal", help="writes obsm['X_<key-added>']")
+    _add_match_args(p)
     p.set_defaults(func=_cmd_embed)
 
     # --- predict / evaluate ---
@@ -392,10 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--novelty", choices=["energy", "calibrated", "none"], default="energy")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--layer", default=None, help="read expression from this layer, not X")
-    p.add_argument("--orthologs", action="store_true",
-                   help="match genes across human/mouse through the 1:1 ortholog table")
-    p.add_argument("--case-insensitive", action="store_true")
+    _add_match_args(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="score predictions against true labels; plots")
@@ -426,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-top", type=int, default=5, help="genes per type in the heatmap")
     p.add_argument("--markers", choices=["pancreas", "immune"], default=None,
                    help="also report recovery of these known markers")
+    _add_match_args(p)
     p.set_defaults(func=_cmd_explain)
     return parser
 

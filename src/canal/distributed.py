@@ -138,12 +138,6 @@ def session(*, device: str | torch.device | None = None) -> Iterator[bool]:
             cleanup()
 
 
-def barrier() -> None:
-    """Wait until every process gets here (no-op when not distributed)."""
-    if active():
-        dist.barrier()
-
-
 # ------------------------------------------------------------------------------------------
 # collectives
 # ------------------------------------------------------------------------------------------

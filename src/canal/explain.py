@@ -101,17 +101,19 @@ def _frozen_eval(net: CanalNet) -> Iterator[None]:
         net.train(was_training)
 
 
-def _target_grad(net: CanalNet, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _target_grad(net: CanalNet, hidden: torch.Tensor, targets: torch.Tensor,
+                 present: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of each cell's target logit with respect to its input embeddings."""
     hidden = hidden.detach().requires_grad_(True)
-    logits = net(hidden=hidden).logits
+    logits = net(hidden=hidden, present=present).logits
     chosen = logits.gather(1, targets[:, None]).sum()
     (grad,) = torch.autograd.grad(chosen, hidden)
     return grad
 
 
 def attribute_batch(net: CanalNet, tokens: torch.Tensor, targets: torch.Tensor, *,
-                    method: Method = "integrated_gradients", steps: int = 8) -> torch.Tensor:
+                    method: Method = "integrated_gradients", steps: int = 8,
+                    present: torch.Tensor | None = None) -> torch.Tensor:
     """Per-gene attribution of each cell's ``targets`` logit, relative to unexpressed genes.
 
     Parameters
@@ -126,6 +128,8 @@ def attribute_batch(net: CanalNet, tokens: torch.Tensor, targets: torch.Tensor, 
         ``integrated_gradients`` or ``grad_x_input`` (see the module docstring).
     steps
         Integration points for ``integrated_gradients``.
+    present
+        Genes measured (``None``: all); genes not measured get exactly 0.
 
     Returns
     -------
@@ -135,16 +139,19 @@ def attribute_batch(net: CanalNet, tokens: torch.Tensor, targets: torch.Tensor, 
     base = net.embed(torch.zeros_like(tokens))
     delta = actual - base
     if method == "grad_x_input":
-        grad = _target_grad(net, actual, targets)
+        grad = _target_grad(net, actual, targets, present)
     elif method == "integrated_gradients":
         grad = torch.zeros_like(actual)
         for i in range(steps):
             alpha = (i + 0.5) / steps
-            grad += _target_grad(net, base + alpha * delta, targets)
+            grad += _target_grad(net, base + alpha * delta, targets, present)
         grad /= steps
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return (delta * grad).sum(-1)[:, :net.config.n_genes].float()
+    attr = (delta * grad).sum(-1)
+    if present is not None:
+        attr = attr * present
+    return attr[:, :net.config.n_genes].float()
 
 
 def attribute(net: CanalNet, data: CellData, targets: np.ndarray, *,
@@ -164,9 +171,10 @@ def attribute(net: CanalNet, data: CellData, targets: np.ndarray, *,
     targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     net.to(dev)
     with _frozen_eval(net):
-        for idx, tokens in data.batches(batch_size):
-            attr = attribute_batch(net, tokens.to(dev), targets[idx].to(dev), method=method,
-                                   steps=steps)
+        for idx, batch in data.batches(batch_size):
+            b = batch.to(dev)
+            attr = attribute_batch(net, b.tokens, targets[idx].to(dev), method=method,
+                                   steps=steps, present=b.present)
             yield idx, attr.cpu().numpy()
 
 
@@ -326,7 +334,7 @@ def rank_genes_baseline(adata, genes: Sequence[str], *, groupby: str = "cell_typ
         raise KeyError(f"{groupby!r} not in adata.obs (columns: {list(adata.obs.columns)}); "
                        "pass groupby=...")
     labels = adata.obs[groupby].astype(str).to_numpy()
-    tmp = ad.AnnData(pp.prepare(adata, genes, layer=layer),
+    tmp = ad.AnnData(pp.prepare(adata, genes, match=pp.GeneMatch(layer=layer)),
                      obs=pd.DataFrame({"group": pd.Categorical(labels)},
                                       index=np.asarray(adata.obs_names, dtype=str)),
                      var=pd.DataFrame(index=[str(g) for g in genes]))

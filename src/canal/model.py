@@ -7,6 +7,7 @@ training history. It reads AnnData and writes results back into it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +22,10 @@ from canal import annotate, distributed, io, novelty, pp
 from canal._settings import settings
 from canal.continual import Distiller, ExampleBank
 from canal.data import CellData, concat, encode_labels, read_labels
+from canal.metrics import UNASSIGNED
 from canal.nn import CanalNet, ModelConfig
+from canal.pp import GeneMatch
+from canal.runtime import BATCH_SIZE, eval_mode, forward_cells
 from canal.train import StageConfig, run_stage
 
 logger = logging.getLogger(__name__)
@@ -35,11 +39,21 @@ class Annotator:
 
     Create one with :meth:`from_pretrained` (shipped or saved weights) or :meth:`create`
     (random initialisation on a panel chosen from data).
+
+    Attributes
+    ----------
+    match
+        How data are read and genes matched (:class:`canal.GeneMatch`): set by the first
+        :meth:`fit_stage` given one, saved with the model and used by every call that is not
+        given another.
+    bank
+        The example bank (:class:`canal.continual.ExampleBank`), or ``None`` before a stage.
     """
 
     def __init__(self, net: CanalNet, genes: Sequence[str], *, cell_types: Sequence[str] = (),
-                 stage: int = 0, meta: dict[str, Any] | None = None, bank=None,
-                 history: list[dict] | None = None):
+                 stage: int = 0, meta: dict[str, Any] | None = None,
+                 bank: ExampleBank | None = None, history: list[dict] | None = None,
+                 match: GeneMatch | None = None):
         genes = [str(g) for g in genes]
         if len(genes) != net.config.n_genes:
             raise ValueError(f"{len(genes)} genes for a network built for {net.config.n_genes}")
@@ -53,8 +67,11 @@ class Annotator:
         self.cell_types = [str(c) for c in cell_types]
         self.stage = int(stage)
         self.meta = dict(meta or {})
+        if bank is not None and not isinstance(bank, ExampleBank):
+            bank = ExampleBank.from_anndata(bank)
         self.bank = bank
         self.history = list(history or [])
+        self.match = match or GeneMatch()
 
     # ---------------------------------------------------------------------------------------
     # construction, saving, loading
@@ -97,7 +114,8 @@ class Annotator:
                 if adata is None:
                     raise ValueError("gene_embedding='corpus' needs the corpus: pass adata")
                 adatas = adata if isinstance(adata, list | tuple) else [adata]
-                X = concat([CellData.from_adata(a, genes, layer=layer) for a in adatas]).X
+                X = concat([CellData.from_adata(a, genes, match=GeneMatch(layer=layer))
+                            for a in adatas]).X
                 gene_embedding = pretrain.corpus_gene_embedding(X, config.dim, seed=config.seed)
             else:
                 gene_embedding = pretrain.read_gene_embedding(gene_embedding, genes,
@@ -123,17 +141,16 @@ class Annotator:
                                      "incomplete") from err
         net = CanalNet(config, n_classes=len(cell_types))
         try:
-            net.load_state_dict(ckpt.state_dict, strict=True)
+            net.load_weights(ckpt.state_dict)
         except RuntimeError as err:
             raise io.CheckpointError(f"weights in {path} do not match its config.json ({err}); "
                                      "the checkpoint is corrupt or was edited") from err
         extra = {k: v for k, v in meta.items()
                  if k not in {"model_config", "genes", "cell_types", "stage", "format",
-                              "format_version", "versions"}}
+                              "format_version", "versions", "gene_match"}}
         return cls(net, genes, cell_types=cell_types, stage=meta.get("stage", 0), meta=extra,
-                   bank=ckpt.bank, history=ckpt.history)
-
-    load = from_pretrained
+                   bank=ckpt.bank, history=ckpt.history,
+                   match=GeneMatch.from_dict(meta.get("gene_match")))
 
     def save(self, path: str | Path, *, optimizer: dict | None = None) -> Path:
         """Write the model as a checkpoint directory (atomic).
@@ -144,8 +161,10 @@ class Annotator:
         """
         meta = dict(self.meta)
         meta.update(model_config=self.net.config.to_dict(), genes=self.genes,
-                    cell_types=self.cell_types, stage=self.stage)
-        ckpt = io.Checkpoint(state_dict=self.net.state_dict(), meta=meta, bank=self.bank,
+                    cell_types=self.cell_types, stage=self.stage,
+                    gene_match=self.match.to_dict())
+        bank = None if self.bank is None else self.bank.to_anndata(self.genes)
+        ckpt = io.Checkpoint(state_dict=self.net.state_dict(), meta=meta, bank=bank,
                              history=self.history, optimizer=optimizer)
         return distributed.on_main(io.save_checkpoint, path, ckpt)
 
@@ -163,40 +182,37 @@ class Annotator:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def prepare(self, adata, *, labels=None, layer: str | None = None,
-                case_insensitive: bool = False, orthologs=False,
-                min_overlap: float = 0.2) -> CellData:
-        """Align ``adata`` to the model's gene panel, log-normalized (see :mod:`canal.pp`)."""
-        return CellData.from_adata(adata, self.genes, labels=labels, layer=layer,
-                                   case_insensitive=case_insensitive, orthologs=orthologs,
-                                   min_overlap=min_overlap)
+    def prepare(self, adata, *, labels=None, match: GeneMatch | dict | None = None
+                ) -> CellData:
+        """Read ``adata`` on the model's gene panel, log-normalized, with the genes it measures.
 
-    @torch.inference_mode()
-    def outputs(self, data: CellData, *, batch_size: int = 64,
+        ``match`` (a :class:`canal.GeneMatch`, or a dict of fields to change in the model's)
+        defaults to the model's stored :attr:`match`.
+        """
+        return CellData.from_adata(adata, self.genes, labels=labels,
+                                   match=GeneMatch.resolve(match, self.match))
+
+    def outputs(self, data: CellData, *, batch_size: int = BATCH_SIZE,
                 device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations and logits of every cell, in batches (eval mode, no gradients)."""
-        dev = settings.torch_device(device)
-        self.net.to(dev).eval()
-        reps, logits = [], []
-        for _, tokens in data.batches(batch_size):
-            out = self.net(tokens.to(dev))
-            reps.append(out.representation.float().cpu())
-            logits.append(out.logits.float().cpu())
-        return torch.cat(reps), torch.cat(logits)
+        out = forward_cells(self.net, (b for _, b in data.batches(batch_size)),
+                            n_cells=data.n_cells, device=device)
+        return out.representation, out.logits
 
-    def embed(self, adata, *, key_added: str = "X_canal", batch_size: int = 64,
-              inplace: bool = True, **prepare_kwargs) -> np.ndarray | None:
+    def embed(self, adata, *, key_added: str = "canal", match: GeneMatch | dict | None = None,
+              batch_size: int = BATCH_SIZE, inplace: bool = True) -> np.ndarray | None:
         """Cell representations.
 
         Returns
         -------
-        Sets ``adata.obsm[key_added]`` (cells x ``rep_dim``) when ``inplace``, else returns it.
+        Sets ``adata.obsm[f"X_{key_added}"]`` (cells x ``rep_dim``, the key :meth:`predict`
+        uses) when ``inplace``, else returns the array.
         """
-        rep, _ = self.outputs(self.prepare(adata, **prepare_kwargs), batch_size=batch_size)
+        rep, _ = self.outputs(self.prepare(adata, match=match), batch_size=batch_size)
         rep = rep.numpy()
         if not inplace:
             return rep
-        adata.obsm[key_added] = rep
+        adata.obsm[annotate.output_keys(key_added)["rep"]] = rep
         return None
 
     # ---------------------------------------------------------------------------------------
@@ -205,8 +221,7 @@ class Annotator:
 
     def pretrain(self, adatas, *, config=None, out: str | Path | None = None,
                  resume: bool = True, names: Sequence[str] | None = None,
-                 layer: str | None = None, case_insensitive: bool = False,
-                 orthologs: bool | str = False,
+                 match: GeneMatch | dict | Sequence[GeneMatch | dict | None] | None = None,
                  device: str | torch.device | None = None) -> dict[str, Any]:
         """Masked-expression pre-training on unlabeled cells (see :mod:`canal.pretrain`).
 
@@ -214,7 +229,7 @@ class Annotator:
         ----------
         adatas
             One AnnData or a list (raw counts or log-normalized; any genes: each is aligned to
-            the model's panel, missing genes count as zero). Labels are ignored.
+            the model's panel; genes a dataset lacks are not measured there). Labels are ignored.
         config
             :class:`canal.pretrain.PretrainConfig`.
         out
@@ -226,8 +241,9 @@ class Annotator:
             holds a finished one, load it and return. With ``False`` start afresh.
         names
             Names of the corpus datasets (recorded in the checkpoint).
-        layer, case_insensitive, orthologs
-            How expression is read and genes matched (see :meth:`prepare`).
+        match
+            How expression is read and genes matched (see :meth:`prepare`): one for all
+            datasets, or a list with one per dataset (e.g. orthologs for the mouse files).
 
         Returns
         -------
@@ -243,8 +259,10 @@ class Annotator:
                                                        for i in range(len(adatas))]
         if len(names) != len(adatas):
             raise ValueError(f"{len(names)} names for {len(adatas)} datasets")
-        parts = [self.prepare(a, layer=layer, case_insensitive=case_insensitive,
-                              orthologs=orthologs) for a in adatas]
+        matches = list(match) if isinstance(match, list | tuple) else [match] * len(adatas)
+        if len(matches) != len(adatas):
+            raise ValueError(f"{len(matches)} gene matches for {len(adatas)} datasets")
+        parts = [self.prepare(a, match=m) for a, m in zip(adatas, matches, strict=True)]
         data = concat(parts)
         corpus = [{"name": str(n), "n_cells": int(p.n_cells)}
                   for n, p in zip(names, parts, strict=True)]
@@ -282,7 +300,7 @@ class Annotator:
             raise ValueError(f"{out} holds a pre-training run with another config, panel or "
                              "corpus; pass resume=False (or --restart) to overwrite it, or "
                              "another output directory")
-        self.net.load_state_dict(ckpt.state_dict, strict=True)
+        self.net.load_weights(ckpt.state_dict)
         self.meta["pretrain"] = prev
         if prev.get("done"):
             logger.info("%s holds a finished pre-training run (%d steps); loaded it", out,
@@ -300,8 +318,7 @@ class Annotator:
     # ---------------------------------------------------------------------------------------
 
     def fit_stage(self, adata, *, labels_key: str = "cell_type",
-                  config: StageConfig | None = None, layer: str | None = None,
-                  case_insensitive: bool = False, orthologs=False,
+                  config: StageConfig | None = None, match: GeneMatch | dict | None = None,
                   device: str | torch.device | None = None) -> Annotator:
         """Fine-tune on one labelled dataset (a stage), keeping what earlier stages taught.
 
@@ -309,79 +326,112 @@ class Annotator:
         this stage stay in the library. Depending on ``config.strategy``, cells from the example
         bank are replayed and the representation is distilled from the previous stage's model.
         Afterwards the bank is refilled, the novelty threshold is calibrated on the training
-        cells (``meta["novelty"]``), the stage counter advances and the history grows.
+        cells (``meta["novelty"]``), the stage counter advances and the history grows. A stage
+        is a transaction: if it fails, the model is left exactly as it was.
 
         Parameters
         ----------
         adata
             Labelled cells (raw counts or log-normalized), any genes: they are aligned to the
-            model's gene panel.
+            model's gene panel, and panel genes the data lack are not measured (not zero).
         labels_key
             Column of ``adata.obs`` holding the cell types.
         config
             Stage hyper-parameters (:class:`canal.train.StageConfig`).
+        match
+            How ``adata`` is read and its genes matched (:class:`canal.GeneMatch`, or a dict
+            of fields to change); stored as the model's :attr:`match` for later calls.
+            Default: the model's.
 
         Returns
         -------
         The annotator itself, trained.
         """
         config = config or StageConfig()
+        match = GeneMatch.resolve(match, self.match)
         labels = read_labels(adata, labels_key)
+        if UNASSIGNED in set(labels):
+            raise ValueError(f"obs[{labels_key!r}] has cells labelled {UNASSIGNED!r}, the name "
+                             "canal gives novel cells; drop them (adata[adata.obs[key] != "
+                             f"'{UNASSIGNED}']) or rename the label before training")
+        counts = labels.value_counts()
+        if len(counts) == 1:
+            logger.warning("the stage has a single cell type (%s): the classifier learns "
+                           "nothing to tell it from others", counts.index[0])
+        elif counts.min() < 2:
+            logger.warning("cell type(s) %s have a single cell; they cannot be validated",
+                           counts.index[counts < 2].tolist())
+        new = self.prepare(adata, match=match)  # before any change: bad input changes nothing
+        before = (copy.deepcopy(self.net), list(self.cell_types), self.bank,
+                  self.meta.get("novelty"))
+        try:
+            self._fit_stage(new, labels, np.asarray(adata.obs_names, dtype=str), labels_key,
+                            config, device)
+        except BaseException:
+            self.net, self.cell_types, self.bank, cal = before
+            self.meta.pop("novelty", None)
+            if cal is not None:
+                self.meta["novelty"] = cal
+            raise
+        self.match = match
+        return self
+
+    def _fit_stage(self, new: CellData, labels: pd.Series, names: np.ndarray, labels_key: str,
+                   config: StageConfig, device) -> None:
+        stage = self.stage + 1
         new_types = sorted(set(labels) - set(self.cell_types))
-        n_old = len(self.cell_types)
         distiller = None
         if config.uses_distillation:
             distiller = Distiller(config.distill_weight)
-            distiller.snapshot(self.net, n_old_types=n_old)
-        gen = torch.Generator().manual_seed(config.seed)
-        new = self.prepare(adata, layer=layer, case_insensitive=case_insensitive,
-                           orthologs=orthologs)
-        self.net.head.grow(len(new_types), generator=gen)
+            distiller.snapshot(self.net, n_old_types=len(self.cell_types))
+        self.net.head.grow(len(new_types), generator=torch.Generator().manual_seed(config.seed))
         self.cell_types += new_types
         new.labels = encode_labels(labels, self.cell_types, key=labels_key)
-        stage = self.stage + 1
-        parts, stages = [new], [np.full(new.n_cells, stage)]
-        names = [np.asarray(adata.obs_names, dtype=str)]
-        if config.uses_replay and self.bank is not None and self.bank.n_obs:
-            old = ExampleBank.from_anndata(self.bank)
-            parts.append(CellData(old.X, encode_labels(old.labels, self.cell_types)))
-            stages.append(old.obs["stage"].to_numpy())
-            names.append(old.obs["cell"].to_numpy(dtype=str))
-        data = concat(parts)
+        replay = config.uses_replay and self.bank is not None and len(self.bank) > 0
+        data, stages, cells = new, np.full(new.n_cells, stage), names
+        if replay:
+            old = self.bank.replay(self.cell_types)
+            data = concat([new, old])
+            stages = np.concatenate([stages, self.bank.obs["stage"].to_numpy()])
+            cells = np.concatenate([cells, self.bank.obs["cell"].to_numpy(dtype=str)])
         logger.info("stage %d: %d new cells, %d replayed, %d new types %s", stage, new.n_cells,
                     data.n_cells - new.n_cells, len(new_types), new_types)
+
         result = run_stage(self.net, data, config=config, distiller=distiller,
                            device=settings.torch_device(device))
-        head = self.net.head
-        weight = head.classifier.weight.detach().float().cpu()
+
         if config.uses_replay:  # other strategies leave the bank as it was
             bank = ExampleBank(None if config.keeps_all else config.bank_size,
                                prototype=config.prototype)
-            bank.update(data.X, np.asarray(self.cell_types)[data.labels], result.representations,
-                        library=self.cell_types, classifier_weight=weight,
-                        stage=np.concatenate(stages), cell_names=np.concatenate(names))
-            self.bank = bank.to_anndata(self.genes)
-        dev = next(head.parameters()).device
-        with torch.no_grad():
-            head.eval()
-            self.meta["novelty"] = novelty.calibrate(
-                result.representations, result.logits,
-                lambda h: head.classify(h.to(dev)).float().cpu(),
-                generator=torch.Generator().manual_seed(config.seed))
-        self.meta["novelty"].update(seed=config.seed, stage=stage)
+            bank.update(data, np.asarray(self.cell_types)[data.labels], result.representations,
+                        library=self.cell_types,
+                        classifier_weight=self.net.head.classifier.weight.detach().float().cpu(),
+                        stage=stages, cell_names=cells)
+            self.bank = bank
+        self.meta["novelty"] = self._calibrate(result.representations, result.logits,
+                                               seed=config.seed) | {"stage": stage}
         self.stage = stage
         self.history.append({"stage": stage, "config": config.to_dict(), "n_cells": new.n_cells,
                              "n_replayed": data.n_cells - new.n_cells, "new_types": new_types,
                              "cell_types": list(self.cell_types), **result.history})
-        return self
+
+    def _calibrate(self, representations: torch.Tensor, logits: torch.Tensor, *, seed: int
+                   ) -> dict[str, Any]:
+        head = self.net.head
+        dev = next(head.parameters()).device
+        with torch.no_grad(), eval_mode(head):
+            cal = novelty.calibrate(representations, logits,
+                                    lambda h: head.classify(h.to(dev)).float().cpu(),
+                                    generator=torch.Generator().manual_seed(seed))
+        return cal | {"seed": seed}
 
     # ---------------------------------------------------------------------------------------
     # prediction and novelty calibration (see canal.annotate)
     # ---------------------------------------------------------------------------------------
 
-    def calibrate_novelty(self, data, *, batch_size: int = 64, seed: int = 0,
+    def calibrate_novelty(self, data, *, batch_size: int = BATCH_SIZE, seed: int = 0,
                           temperature: float = annotate.TEMPERATURE,
-                          **prepare_kwargs) -> dict[str, Any]:
+                          match: GeneMatch | dict | None = None) -> dict[str, Any]:
         """Calibrate the non-transductive novelty score on reference cells.
 
         Parameters
@@ -395,8 +445,8 @@ class Annotator:
             Seed of the mixup generator (the result is deterministic).
         temperature
             Energy temperature.
-        **prepare_kwargs
-            Passed to :meth:`prepare` for AnnData input (``layer``, ``orthologs``, ...).
+        match
+            How AnnData input is read and matched (default: the model's).
 
         Returns
         -------
@@ -405,7 +455,7 @@ class Annotator:
         ``predict(..., novelty="calibrated")``.
         """
         if not isinstance(data, CellData):
-            data = self.prepare(data, **prepare_kwargs)
+            data = self.prepare(data, match=match)
         cal = annotate.calibration(self.net, data, batch_size=batch_size, seed=seed,
                                    temperature=temperature)
         cal["stage"] = self.stage
@@ -418,12 +468,10 @@ class Annotator:
         *,
         key_added: str = "canal",
         novelty: Literal["energy", "calibrated", "none"] = "energy",
-        batch_size: int = 64,
+        match: GeneMatch | dict | None = None,
+        batch_size: int = BATCH_SIZE,
         precision: Literal["fp32", "bf16"] = "fp32",
         inplace: bool = True,
-        layer: str | None = None,
-        case_insensitive: bool = False,
-        orthologs: bool | str = False,
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> pd.DataFrame | None:
@@ -435,7 +483,8 @@ class Annotator:
         ----------
         adata
             Cells to annotate: raw counts or log-normalized (detected, never normalized twice),
-            in memory or opened with ``backed="r"``. Genes are matched by symbol to the panel.
+            in memory or opened with ``backed="r"``. Genes are matched by symbol to the panel;
+            panel genes the data lack are not measured and take no part in the computation.
         key_added
             Prefix of the fields written.
         novelty
@@ -452,10 +501,10 @@ class Annotator:
             GPUs); ``"fp32"`` is exact.
         inplace
             Write into ``adata``; with ``False`` return a DataFrame and leave ``adata`` as is.
-        layer
-            Read expression from ``adata.layers[layer]`` instead of ``adata.X``.
-        case_insensitive, orthologs
-            Gene matching across case / species (see :func:`canal.pp.align_genes`).
+        match
+            How ``adata`` is read and its genes matched: a :class:`canal.GeneMatch`, or a dict
+            of fields to change in the model's (e.g. ``{"orthologs": True}`` for mouse cells
+            and a human model). Default: the model's :attr:`match`.
         seed
             Seed of the ``"energy"`` mode's mixup.
         device
@@ -469,15 +518,15 @@ class Annotator:
         NaN with ``novelty="none"``), ``adata.obsm[f"X_{key_added}"]`` (float32
         representation), ``adata.obsm[f"{key_added}_probabilities"]`` (DataFrame, one column per
         known type) and ``adata.uns[key_added]["params"]`` (novelty mode, threshold,
-        temperature, genes found, stage, batch size, precision). With ``inplace=False`` a
+        temperature, panel genes measured and their share, gene match, stage, batch size,
+        precision). With ``inplace=False`` a
         DataFrame indexed by ``adata.obs_names`` with the three obs columns and one probability
         column per known type.
         """
         result = annotate.annotate(
             self.net, adata, self.genes, self.cell_types, novelty=novelty,
-            calibration=self.meta.get("novelty"), batch_size=batch_size, precision=precision,
-            layer=layer, case_insensitive=case_insensitive, orthologs=orthologs, seed=seed,
-            device=device)
+            calibration=self.meta.get("novelty"), match=GeneMatch.resolve(match, self.match),
+            batch_size=batch_size, precision=precision, seed=seed, device=device)
         result.params["stage"] = self.stage
         if not inplace:
             return annotate.results_frame(result, adata.obs_names, key_added=key_added)
@@ -498,9 +547,7 @@ class Annotator:
         steps: int = 8,
         batch_size: int = 16,
         key_added: str = "canal_gene_importance",
-        layer: str | None = None,
-        case_insensitive: bool = False,
-        orthologs: bool | str = False,
+        match: GeneMatch | dict | None = None,
         device: str | torch.device | None = None,
     ) -> pd.DataFrame:
         """Which genes drive each cell type: per-type mean attribution of the type's logit.
@@ -528,8 +575,8 @@ class Annotator:
             Cells per forward/backward pass; results do not depend on it.
         key_added
             Key in ``adata.uns``.
-        layer, case_insensitive, orthologs
-            How expression is read and genes matched (see :meth:`prepare`).
+        match
+            How expression is read and genes matched (default: the model's).
         device
             Torch device; ``None`` uses ``canal.settings.device``.
 
@@ -545,8 +592,7 @@ class Annotator:
 
         if not self.cell_types:
             raise ValueError("the model has no cell types yet; fine-tune it with fit_stage first")
-        data = self.prepare(adata, layer=layer, case_insensitive=case_insensitive,
-                            orthologs=orthologs)
+        data = self.prepare(adata, match=match)
         if groupby is not None and groupby in adata.obs:
             labels = read_labels(adata, groupby).to_numpy()
         else:

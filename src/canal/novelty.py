@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["calibrate", "energy_score", "is_novel", "mixup_threshold", "novelty_score"]
 
 _EPS = 1e-12
+#: CANAL's energy temperature.
+TEMPERATURE = 0.8
 
 
 def _check_logits(logits: Any, name: str = "logits") -> torch.Tensor:
@@ -59,7 +61,7 @@ def _refs(ref_min: float | torch.Tensor | None,
     return lo, hi
 
 
-def energy_score(logits: torch.Tensor, *, temperature: float = 0.8) -> torch.Tensor:
+def energy_score(logits: torch.Tensor, *, temperature: float = TEMPERATURE) -> torch.Tensor:
     """Free energy of each cell, ``-T * logsumexp(logits / T, dim=1)``.
 
     Parameters
@@ -82,7 +84,7 @@ def energy_score(logits: torch.Tensor, *, temperature: float = 0.8) -> torch.Ten
 def novelty_score(
     logits: torch.Tensor,
     *,
-    temperature: float = 0.8,
+    temperature: float = TEMPERATURE,
     ref_min: float | torch.Tensor | None = None,
     ref_max: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -138,7 +140,7 @@ def mixup_threshold(
     hidden: torch.Tensor,
     classify: Callable[[torch.Tensor], torch.Tensor],
     *,
-    temperature: float = 0.8,
+    temperature: float = TEMPERATURE,
     generator: torch.Generator | None = None,
     ref_min: float | torch.Tensor | None = None,
     ref_max: float | torch.Tensor | None = None,
@@ -232,7 +234,7 @@ def calibrate(
     logits: torch.Tensor,
     classify: Callable[[torch.Tensor], torch.Tensor],
     *,
-    temperature: float = 0.8,
+    temperature: float = TEMPERATURE,
     generator: torch.Generator | None = None,
     batch_size: int = 4096,
 ) -> dict[str, Any]:

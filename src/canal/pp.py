@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -175,9 +175,93 @@ def orthologs(path: str | Path | None = None) -> pd.DataFrame:
     return table.drop_duplicates("human").drop_duplicates("mouse").reset_index(drop=True)
 
 
+#: Below this share of panel genes measured, matching fails (accuracy is measured to collapse
+#: there: see README, "Partial gene panels").
+MIN_OVERLAP = 0.05
+#: Below this share a warning is logged (accuracy is measured to drop below it).
+WARN_OVERLAP = 0.5
+
+
+@dataclass(frozen=True)
+class GeneMatch:
+    """How a dataset's expression is read and its genes matched to a model's panel.
+
+    Given once (to :meth:`canal.Annotator.fit_stage` or the constructor), validated, stored in
+    the checkpoint's ``config.json`` and reused by every later call.
+
+    Attributes
+    ----------
+    layer
+        Read expression from ``adata.layers[layer]`` instead of ``adata.X``.
+    case_insensitive
+        Match symbols ignoring case.
+    orthologs
+        Translate genes through the 1:1 human/mouse ortholog table first: ``True`` (the shared
+        table) or the path of such a table.
+    min_overlap
+        Below this share of the panel measured, raise a ValueError naming the likely cause.
+    warn_overlap
+        Below this share, log a warning.
+    """
+
+    layer: str | None = None
+    case_insensitive: bool = False
+    orthologs: bool | str = False
+    min_overlap: float = MIN_OVERLAP
+    warn_overlap: float = WARN_OVERLAP
+
+    def __post_init__(self) -> None:
+        if isinstance(self.orthologs, Path):
+            object.__setattr__(self, "orthologs", str(self.orthologs))
+        if not isinstance(self.orthologs, bool | str):
+            raise TypeError(f"orthologs must be True/False or a path, got "
+                            f"{type(self.orthologs).__name__}")
+        if not 0 <= self.min_overlap <= 1 or not 0 <= self.warn_overlap <= 1:
+            raise ValueError(f"min_overlap and warn_overlap are shares in [0, 1], got "
+                             f"{self.min_overlap} and {self.warn_overlap}")
+
+    def replace(self, **changes) -> GeneMatch:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> GeneMatch:
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown gene-match keys {sorted(unknown)}; the checkpoint was "
+                             "written by a newer canal: upgrade canal")
+        return cls(**d)
+
+    @classmethod
+    def resolve(cls, match: GeneMatch | dict | None, default: GeneMatch | None = None
+                ) -> GeneMatch:
+        """``match`` itself, ``default`` when ``None``, or ``default`` updated by a dict."""
+        base = default if default is not None else cls()
+        if match is None:
+            return base
+        if isinstance(match, GeneMatch):
+            return match
+        if isinstance(match, dict):
+            return base.replace(**match)
+        raise TypeError(f"match must be a canal.GeneMatch or a dict of its fields, got "
+                        f"{type(match).__name__}")
+
+    def align(self, adata, genes: Sequence[str]) -> GeneAlignment:
+        """Where ``genes`` sit in ``adata``'s columns (see :func:`align_genes`)."""
+        table = None
+        if self.orthologs is not False:
+            table = _orthologs(None if self.orthologs is True else self.orthologs)
+        return align_genes(adata.var_names, genes, case_insensitive=self.case_insensitive,
+                           orthologs_table=table, min_overlap=self.min_overlap,
+                           warn_overlap=self.warn_overlap)
+
+
 @dataclass(frozen=True)
 class GeneAlignment:
-    """Where each panel gene sits in a dataset's columns (-1 where it is missing)."""
+    """Where each panel gene sits in a dataset's columns (-1 where the dataset lacks it)."""
 
     source_index: np.ndarray
     n_found: int
@@ -186,6 +270,11 @@ class GeneAlignment:
     @property
     def fraction(self) -> float:
         return self.n_found / max(self.n_panel, 1)
+
+    @property
+    def measured(self) -> np.ndarray:
+        """Boolean mask over the panel: genes the dataset measures (a zero there is data)."""
+        return self.source_index >= 0
 
 
 def _guess_cause(var_names: pd.Index, panel: Sequence[str]) -> str:
@@ -200,6 +289,10 @@ def _guess_cause(var_names: pd.Index, panel: Sequence[str]) -> str:
     if upper_panel < 0.5 and upper_data > 0.8:
         return ("the data look like human genes and the model mouse; pass orthologs=True "
                 "(or case_insensitive=True)")
+    if len(names) < 5000:
+        return (f"the data hold only {len(names)} genes (a filtered gene set, e.g. highly "
+                "variable genes only?): pass the full matrix (adata.raw.to_adata()), or accept "
+                "fewer genes with min_overlap=... (accuracy falls as the share drops)")
     return "check that adata.var_names hold gene symbols of the model's species"
 
 
@@ -209,8 +302,8 @@ def align_genes(
     *,
     case_insensitive: bool = False,
     orthologs_table: pd.DataFrame | None = None,
-    min_overlap: float = 0.2,
-    warn_overlap: float = 0.8,
+    min_overlap: float = MIN_OVERLAP,
+    warn_overlap: float = WARN_OVERLAP,
 ) -> GeneAlignment:
     """Match a dataset's genes to a model's gene panel by symbol.
 
@@ -250,13 +343,16 @@ def align_genes(
     index = lookup.reindex(panel_keys).fillna(-1).to_numpy(dtype=np.int64)
     found = int((index >= 0).sum())
     frac = found / max(len(panel), 1)
-    msg = f"{found} of {len(panel)} model genes ({frac:.0%}) found in the data"
+    msg = f"{found} of {len(panel)} model genes ({frac:.0%}) measured in the data"
     if frac < min_overlap:
-        raise ValueError(f"only {msg}; {_guess_cause(names, panel)}")
+        raise ValueError(f"only {msg}, below min_overlap={min_overlap:g}; "
+                         f"{_guess_cause(names, panel)}")
     if frac < warn_overlap:
-        logger.warning("%s; missing genes are set to zero, predictions may suffer", msg)
+        logger.warning("%s; the other genes are treated as not measured, and accuracy is "
+                       "measured to drop below %.0f%% of the panel (README, 'Partial gene "
+                       "panels')", msg, 100 * warn_overlap)
     else:
-        logger.info(msg)
+        logger.info("%s; the other genes are treated as not measured", msg)
     return GeneAlignment(source_index=index, n_found=found, n_panel=len(panel))
 
 
@@ -271,69 +367,49 @@ def _select_columns(block: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_ma
     return out
 
 
-def panel_alignment(
-    adata,
-    genes: Sequence[str],
-    *,
-    case_insensitive: bool = False,
-    orthologs: bool | str | Path | pd.DataFrame = False,
-    min_overlap: float = 0.2,
-) -> GeneAlignment:
-    """Where the model's genes sit in ``adata``'s columns (see :func:`align_genes`).
-
-    ``orthologs`` is ``True`` (the shared human/mouse table), a path to such a table, or the
-    table itself; ``False`` matches symbols directly.
-    """
-    table = None
-    if orthologs is not False and orthologs is not None:
-        table = orthologs if isinstance(orthologs, pd.DataFrame) else _orthologs(
-            None if orthologs is True else orthologs)
-    return align_genes(adata.var_names, genes, case_insensitive=case_insensitive,
-                       orthologs_table=table, min_overlap=min_overlap)
-
-
 def iter_panel_blocks(
     adata,
     genes: Sequence[str],
     *,
-    layer: str | None = None,
+    match: GeneMatch | None = None,
     chunk_size: int = 4096,
-    case_insensitive: bool = False,
-    orthologs: bool | str | Path | pd.DataFrame = False,
-    min_overlap: float = 0.2,
     alignment: GeneAlignment | None = None,
 ) -> Iterator[sp.csr_matrix]:
     """Stream log-normalized expression on the model's gene panel, ``chunk_size`` cells at a time.
 
     Works for in-memory (dense or sparse) and backed AnnData. Library sizes use all of the
-    file's genes, before the panel is selected. Pass a precomputed ``alignment`` (from
-    :func:`panel_alignment`) to skip matching the genes again.
+    file's genes, before the panel is selected. Genes the data lack are empty columns: which
+    ones they are is ``alignment.measured`` (a column of zeros is *not* a measured zero). Pass
+    a precomputed ``alignment`` (from ``match.align(adata, genes)``) to skip matching again.
     """
+    match = match or GeneMatch()
     check_adata(adata)
-    kind = detect_input(adata, layer=layer)
+    kind = detect_input(adata, layer=match.layer)
     if kind == "unlogged":
         logger.warning("expression is non-integer but not log-transformed (TPM/CPM-like); "
                        "normalizing each cell to 1e4 and applying log1p")
     logger.info("input detected as %s", kind)
     if alignment is None:
-        alignment = panel_alignment(adata, genes, case_insensitive=case_insensitive,
-                                    orthologs=orthologs, min_overlap=min_overlap)
+        alignment = match.align(adata, genes)
     elif alignment.n_panel != len(genes) or len(alignment.source_index) != len(genes):
         raise ValueError(f"alignment is for {alignment.n_panel} genes, the panel has "
-                         f"{len(genes)}; recompute it with pp.panel_alignment(adata, genes)")
-    for block, _ in _iter_blocks(adata, layer=layer, chunk_size=chunk_size):
+                         f"{len(genes)}; recompute it with match.align(adata, genes)")
+    for block, _ in _iter_blocks(adata, layer=match.layer, chunk_size=chunk_size):
         yield _select_columns(normalize_block(block, kind), alignment)
 
 
 _orthologs = orthologs
 
 
-def prepare(adata, genes: Sequence[str], **kwargs) -> sp.csr_matrix:
+def prepare(adata, genes: Sequence[str], *, match: GeneMatch | None = None,
+            chunk_size: int = 4096, alignment: GeneAlignment | None = None) -> sp.csr_matrix:
     """Log-normalized expression on the model's gene panel (cells x panel genes, CSR float32).
 
-    Keyword arguments are those of :func:`iter_panel_blocks`.
+    Genes the data lack are empty columns; ``(match or GeneMatch()).align(adata, genes)
+    .measured`` says which. :meth:`canal.data.CellData.from_adata` keeps both together.
     """
-    return sp.vstack(list(iter_panel_blocks(adata, genes, **kwargs)), format="csr")
+    return sp.vstack(list(iter_panel_blocks(adata, genes, match=match, chunk_size=chunk_size,
+                                            alignment=alignment)), format="csr")
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +492,15 @@ def select_panel(adatas, *, n_genes: int = 1000, layer: str | None = None,
 # --------------------------------------------------------------------------------------------
 # Binning into tokens
 # --------------------------------------------------------------------------------------------
+
+
+def present_mask(measured: np.ndarray, *, append_cls: bool = True) -> torch.Tensor:
+    """The network's key mask from a ``(cells, genes)`` measured mask (the extra token is
+    always present)."""
+    present = torch.from_numpy(np.ascontiguousarray(measured, dtype=bool))
+    if append_cls:
+        present = torch.nn.functional.pad(present, (0, 1), value=True)
+    return present
 
 
 def bin_tokens(block: sp.csr_matrix | np.ndarray, *, n_bins: int = N_BINS,

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from canal import distributed, pp
 from canal._settings import settings
-from canal.data import CellData
+from canal.data import CellData, panel_dropout
 from canal.nn import CanalNet
 from canal.train import check_loop_options
 
@@ -73,6 +73,9 @@ class PretrainConfig:
         ``random_token_prob`` get a random bin and the rest keep their bin.
     random_token_prob
         See ``replace_prob``.
+    panel_dropout
+        Half of each batch's cells hide each measured gene with a probability drawn in
+        ``[0, panel_dropout]`` per cell, as not measured (see ``StageConfig.panel_dropout``).
     val_fraction, val_max_cells
         Held-out cells (seeded) for the masked-token accuracy, at most ``val_max_cells``.
     eval_every
@@ -95,6 +98,7 @@ class PretrainConfig:
     mask_on: MaskOn = "all"
     replace_prob: float = 0.9
     random_token_prob: float = 0.0
+    panel_dropout: float = 0.0
     val_fraction: float = 0.05
     val_max_cells: int = 1000
     eval_every: int = 200
@@ -130,8 +134,8 @@ class PretrainConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *, generator: torch.Generator,
+                present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hide a share of each cell's gene tokens.
 
     Parameters
@@ -142,6 +146,9 @@ def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *,
         ``mask_prob``, ``mask_on``, ``replace_prob``, ``random_token_prob``.
     generator
         CPU generator: the same generator state gives the same masks.
+    present
+        ``(cells, n_genes + 1)`` bool, genes measured (``None``: all); a gene not measured is
+        never hidden (there is nothing to predict).
 
     Returns
     -------
@@ -151,6 +158,8 @@ def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *,
     n_cells, seq = tokens.shape
     genes = torch.zeros(seq, dtype=torch.bool)
     genes[:-1] = True  # never hide the extra per-cell token
+    if present is not None:
+        genes = genes & present
     expressed = (tokens > 0) & genes
     u = torch.rand(tokens.shape, generator=generator)
     if config.mask_on == "all":
@@ -159,7 +168,7 @@ def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *,
         hidden = (u < config.mask_prob) & expressed
     else:  # balanced: as many unexpressed as expressed tokens, in expectation
         n_expr = expressed.sum(1, keepdim=True).float()
-        n_zero = (genes.sum() - n_expr).clamp(min=1)
+        n_zero = (genes.sum(-1, keepdim=True) - n_expr).clamp(min=1)
         p_zero = (config.mask_prob * n_expr / n_zero).clamp(max=1.0)
         hidden = ((u < config.mask_prob) & expressed) | ((u < p_zero) & genes & ~expressed)
     # at least one hidden token per cell (a cell with none would contribute nothing)
@@ -181,13 +190,14 @@ def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *,
     return inputs, hidden
 
 
-def masked_logits(net: CanalNet, inputs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def masked_logits(net: CanalNet, inputs: torch.Tensor, hidden: torch.Tensor,
+                  present: torch.Tensor | None = None) -> torch.Tensor:
     """Bin logits at the hidden positions only, ``(n_hidden, n_tokens)``.
 
     The masked-expression head runs on the hidden positions alone (15% of the tokens), not on
-    the whole sequence.
+    the whole sequence. Genes not measured (``present`` False) are no attention keys.
     """
-    h = net.encode(inputs)
+    h = net.encode(inputs, present=present)
     return net.to_out(net.norm(h[hidden]))
 
 
@@ -198,8 +208,9 @@ class _MLM(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return masked_logits(self.net, inputs, hidden)
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor,
+                present: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_logits(self.net, inputs, hidden, present)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,13 +227,15 @@ class _Validation:
     targets: torch.Tensor
     majority_bin: int
     majority_expressed_bin: int
+    present: torch.Tensor | None = None
 
     @classmethod
     def build(cls, data: CellData, index: np.ndarray, train_index: np.ndarray,
               config: PretrainConfig) -> _Validation:
         gen = torch.Generator().manual_seed(int(config.seed) * 7919 + 17)
         tokens = data.tokens(np.sort(index))
-        inputs, hidden = mask_tokens(tokens, config, generator=gen)
+        present = data.present(np.sort(index))
+        inputs, hidden = mask_tokens(tokens, config, generator=gen, present=present)
         # bin frequencies over (a sample of) the training cells' gene tokens
         rng = np.random.default_rng(config.seed)
         sample = rng.choice(train_index, size=min(len(train_index), 2000), replace=False)
@@ -230,7 +243,7 @@ class _Validation:
                                 minlength=pp.N_BINS)[:pp.N_BINS]
         return cls(inputs=inputs, hidden=hidden, targets=tokens[hidden],
                    majority_bin=int(counts.argmax()),
-                   majority_expressed_bin=int(counts[1:].argmax()) + 1)
+                   majority_expressed_bin=int(counts[1:].argmax()) + 1, present=present)
 
     @torch.no_grad()
     def evaluate(self, net: CanalNet, *, device: torch.device, autocast: bool,
@@ -241,8 +254,9 @@ class _Validation:
         for s in range(0, len(self.inputs), batch_size):
             inp = self.inputs[s:s + batch_size].to(device)
             hid = self.hidden[s:s + batch_size].to(device)
+            pres = None if self.present is None else self.present[s:s + batch_size].to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                logits = masked_logits(net, inp, hid).float()
+                logits = masked_logits(net, inp, hid, pres).float()
             tgt = self.targets_for(s, s + batch_size).to(device)
             losses.append(nn.functional.cross_entropy(logits, tgt, reduction="sum").cpu())
             preds.append(logits.argmax(1).cpu())
@@ -392,12 +406,15 @@ def run_pretraining(
             gen = torch.Generator().manual_seed(
                 int(config.seed) * 1_000_003 + step * 101 + distributed.rank())
             tokens = data.tokens(idx)
-            inputs, hidden = mask_tokens(tokens, config, generator=gen)
+            present, _ = panel_dropout(data.present(idx), len(idx), data.X.shape[1],
+                                       rate=config.panel_dropout, share=0.5, generator=gen)
+            inputs, hidden = mask_tokens(tokens, config, generator=gen, present=present)
             targets = tokens[hidden]
             for g in optimizer.param_groups:
                 g["lr"] = config.lr * _lr_factor(step, warmup=warmup, total=total)
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                logits = model(inputs.to(device), hidden.to(device))
+                logits = model(inputs.to(device), hidden.to(device),
+                               None if present is None else present.to(device))
             loss = nn.functional.cross_entropy(logits.float(), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

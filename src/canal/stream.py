@@ -40,127 +40,21 @@ import pandas as pd
 
 from canal import io, metrics
 from canal._settings import data_dir, settings
+from canal.datasets import (  # noqa: F401  (re-exported: the runner's public names)
+    CONFIGS,
+    MIN_CELLS_PER_TYPE,
+    DataSpec,
+    holdout_split,
+    load_cells,
+    load_corpus,
+    stratified_part,
+)
 from canal.model import Annotator
 from canal.nn import ModelConfig
 from canal.train import StageConfig
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).parent / "configs"
-MIN_CELLS_PER_TYPE = 10
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Cells taken from one file: obs filters, type filters and an optional stratified part."""
-
-    file: str
-    name: str = ""
-    where: dict[str, list[str]] = field(default_factory=dict)
-    types: list[str] | None = None
-    exclude_types: list[str] = field(default_factory=list)
-    min_cells: int = 1
-    fraction: float | None = None
-    part: str = "first"  # "first": the `fraction` share; "rest": the other cells
-    split_seed: int = 0
-    orthologs: bool = False
-    labels_key: str = "cell_type"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, default_min_cells: int = 1) -> DataSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)} in a stage/test entry; allowed: "
-                             f"{sorted(known)}")
-        d = {"min_cells": default_min_cells} | dict(d)
-        d["where"] = {k: [str(x) for x in (v if isinstance(v, list) else [v])]
-                      for k, v in d.get("where", {}).items()}
-        if "name" not in d:
-            d["name"] = Path(d["file"]).stem + "".join(
-                f" {k}={','.join(v)}" for k, v in d["where"].items())
-        return cls(**d)
-
-
-def stratified_part(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of a stratified ``fraction`` of cells.
-
-    Uses ``sklearn.model_selection.train_test_split(..., stratify=labels, random_state=seed)``;
-    with ``fraction=0.8, seed=0`` on pbmc3k this is the immune experiment's 80% training part
-    (the complement of :func:`canal.datasets.pbmc3k_split`).
-    """
-    from sklearn.model_selection import train_test_split
-
-    first, _ = train_test_split(np.arange(len(labels)), train_size=fraction, stratify=labels,
-                                random_state=seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[first] = True
-    return mask
-
-
-def load_cells(spec: DataSpec, *, root: Path, cache: dict | None = None):
-    """Read and filter the cells a :class:`DataSpec` names (a new AnnData)."""
-    import anndata as ad
-
-    path = Path(spec.file)
-    if not path.is_absolute():
-        path = root / path
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; pass --data-dir or set CANAL_DATA to the "
-                                "folder holding the shared data")
-    key = str(path)
-    if cache is not None and key in cache:
-        adata = cache[key]
-    else:
-        adata = ad.read_h5ad(path)
-        if cache is not None:
-            cache[key] = adata
-    mask = np.ones(adata.n_obs, dtype=bool)
-    for col, values in spec.where.items():
-        if col not in adata.obs:
-            raise KeyError(f"{spec.name}: obs column {col!r} not in {path.name} "
-                           f"({list(adata.obs.columns)})")
-        mask &= adata.obs[col].astype(str).isin(values).to_numpy()
-    labels = adata.obs[spec.labels_key].astype(str).to_numpy() \
-        if spec.labels_key in adata.obs else None
-    if spec.fraction is not None:
-        part = np.zeros(adata.n_obs, dtype=bool)
-        idx = np.flatnonzero(mask)
-        first = stratified_part(labels[idx], spec.fraction, spec.split_seed)
-        part[idx[first if spec.part == "first" else ~first]] = True
-        mask = part
-    if labels is not None:
-        if spec.types is not None:
-            mask &= np.isin(labels, spec.types)
-        if spec.exclude_types:
-            mask &= ~np.isin(labels, spec.exclude_types)
-        if spec.min_cells > 1:
-            counts = pd.Series(labels[mask]).value_counts()
-            mask &= np.isin(labels, counts.index[counts >= spec.min_cells])
-    if not mask.any():
-        raise ValueError(f"{spec.name}: the filters select no cells")
-    return adata[mask].copy()
-
-
-def load_corpus(config: str | Path, *, root: str | Path | None = None
-                ) -> list[tuple[str, Any]]:
-    """The datasets of a pre-training corpus TOML (``[[files]]`` entries, as stages are given).
-
-    ``config`` is a path or a shipped name (``"corpus"``: the corpus of the shared data's
-    README, without the reference experiments' test cells). Returns ``(name, AnnData)`` pairs.
-    """
-    path = Path(config)
-    if not path.exists() and (CONFIGS / f"{path.stem}.toml").exists():
-        path = CONFIGS / f"{path.stem}.toml"
-    if not path.exists():
-        raise FileNotFoundError(f"no corpus config {config}; the shipped one is 'corpus'")
-    raw = tomllib.loads(path.read_text())
-    specs = [DataSpec.from_dict(d) for d in raw.get("files", [])]
-    if not specs:
-        raise ValueError(f"{path}: a corpus needs at least one [[files]] entry")
-    root = Path(root) if root is not None else data_dir()
-    cache: dict = {}
-    return [(spec.name, load_cells(spec, root=root, cache=cache)) for spec in specs]
 
 
 @dataclass
@@ -210,7 +104,7 @@ def _init_model(cfg: StreamConfig, stages: list, *, seed: int) -> Annotator:
 
 
 def _evaluate(model: Annotator, adata, spec: DataSpec, *, novelty: str) -> dict[str, Any]:
-    res = model.predict(adata, novelty=novelty, inplace=False, orthologs=spec.orthologs)
+    res = model.predict(adata, novelty=novelty, inplace=False, match=spec.match(model.match))
     truth = adata.obs[spec.labels_key].astype(str).to_numpy()
     pred = res["canal"].astype(str).to_numpy()
     novel = sorted(set(truth) - set(model.cell_types))
@@ -273,15 +167,10 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     cache: dict = {}
     stage_train, stage_hold = [], []
     for spec in cfg.stages:
-        cells = load_cells(spec, root=root, cache=cache)
-        labels = cells.obs[spec.labels_key].astype(str).to_numpy()
-        if cfg.holdout > 0:
-            keep = stratified_part(labels, 1 - cfg.holdout, seed)
-            stage_train.append(cells[keep].copy())
-            stage_hold.append(cells[~keep].copy())
-        else:
-            stage_train.append(cells)
-            stage_hold.append(None)
+        train, hold = holdout_split(load_cells(spec, root=root, cache=cache),
+                                    labels_key=spec.labels_key, holdout=cfg.holdout, seed=seed)
+        stage_train.append(train)
+        stage_hold.append(hold)
     tests = [(spec, load_cells(spec, root=root, cache=cache)) for spec in cfg.tests]
     del cache
     model = _init_model(cfg, stage_train, seed=seed)
@@ -289,7 +178,8 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     for t, (spec, adata) in enumerate(zip(cfg.stages, stage_train, strict=True), start=1):
         logger.info("stage %d/%d: %s (%d cells)", t, len(cfg.stages), spec.name, adata.n_obs)
         ts = time.perf_counter()
-        model.fit_stage(adata, labels_key=spec.labels_key, config=stage_config)
+        model.fit_stage(adata, labels_key=spec.labels_key, config=stage_config,
+                        match=spec.match(model.match))
         h = model.history[-1]
         stage_info.append({"stage": t, "name": spec.name, "n_cells": adata.n_obs,
                            "new_types": h["new_types"], "seconds": time.perf_counter() - ts,
@@ -298,7 +188,8 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
         for j, hold in enumerate(stage_hold, start=1):
             if hold is None or j > t:
                 continue
-            res = model.predict(hold, novelty="none", inplace=False)
+            res = model.predict(hold, novelty="none", inplace=False,
+                                match=cfg.stages[j - 1].match(model.match))
             acc = metrics.accuracy(hold.obs[cfg.stages[j - 1].labels_key].astype(str),
                                    res["canal"].astype(str))
             matrix.append({"stage": t, "test": f"stage {j}", "accuracy": acc})

@@ -18,6 +18,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from canal.data import CellData, encode_labels
+
 logger = logging.getLogger(__name__)
 
 Prototype = Literal["classifier", "mean"]
@@ -74,11 +76,24 @@ class ExampleBank:
         self.size = size
         self.prototype = prototype
         self.X = sp.csr_matrix((0, 0), dtype=np.float32)
+        #: ``(cells, genes)`` bool: the panel genes each kept cell's dataset measured
+        self.measured = np.ones((0, 0), dtype=bool)
         self.obs = pd.DataFrame({"cell_type": pd.Series(dtype=str), "stage": pd.Series(dtype=int),
                                  "rank": pd.Series(dtype=int), "cell": pd.Series(dtype=str)})
 
     def __len__(self) -> int:
         return len(self.obs)
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    def replay(self, library: Sequence[str]) -> CellData:
+        """The kept cells as training data, labels coded in ``library`` order, each cell with
+        the genes its dataset measured."""
+        group = np.arange(len(self)) if len(self) else None
+        return CellData(self.X, encode_labels(self.labels, library, key="bank"),
+                        self.measured if len(self) else None, group)
 
     @property
     def labels(self) -> np.ndarray:
@@ -87,7 +102,7 @@ class ExampleBank:
     def counts(self) -> dict[str, int]:
         return self.obs["cell_type"].value_counts(sort=False).to_dict()
 
-    def update(self, X: sp.csr_matrix, labels: Sequence[str], representations: torch.Tensor, *,
+    def update(self, data: CellData, labels: Sequence[str], representations: torch.Tensor, *,
                library: Sequence[str], classifier_weight: torch.Tensor | None = None,
                stage: Sequence[int] | np.ndarray, cell_names: Sequence[str] | None = None,
                ) -> None:
@@ -95,8 +110,8 @@ class ExampleBank:
 
         Parameters
         ----------
-        X
-            Candidates' expression on the model's panel (CSR), cells x genes.
+        data
+            Candidates on the model's panel (expression and measured genes).
         labels
             Candidates' cell types.
         representations
@@ -114,8 +129,9 @@ class ExampleBank:
         labels = np.asarray(labels, dtype=str)
         stage = np.asarray(stage, dtype=int)
         n = len(labels)
-        if X.shape[0] != n or representations.shape[0] != n or len(stage) != n:
-            raise ValueError("X, labels, representations and stage must have one row per cell")
+        if data.n_cells != n or representations.shape[0] != n or len(stage) != n:
+            raise ValueError("data, labels, representations and stage must have one row per "
+                             "cell")
         names = np.asarray(cell_names if cell_names is not None else np.arange(n), dtype=str)
         keep, ranks = [], []
         by_type = {t: np.flatnonzero(labels == t) for t in library}
@@ -136,7 +152,8 @@ class ExampleBank:
             keep.append(ix[order])
             ranks.append(np.arange(len(order)))
         keep_ix = np.concatenate(keep) if keep else np.zeros(0, dtype=int)
-        self.X = sp.csr_matrix(X[keep_ix], dtype=np.float32)
+        self.X = sp.csr_matrix(data.X[keep_ix], dtype=np.float32)
+        self.measured = data.measured_rows(keep_ix)
         self.obs = pd.DataFrame({
             "cell_type": labels[keep_ix],
             "stage": stage[keep_ix],
@@ -146,7 +163,8 @@ class ExampleBank:
         logger.info("example bank: %d cells over %d types", len(self), len(self.counts()))
 
     def to_anndata(self, genes: Sequence[str]):
-        """The bank as AnnData: ``X`` on the model's panel, ``obs`` with cell_type, stage, rank."""
+        """The bank as AnnData: ``X`` on the model's panel, ``obs`` with cell_type, stage, rank,
+        ``layers["measured"]`` (bool: the genes each cell's dataset measured)."""
         import anndata as ad
 
         obs = self.obs.copy()
@@ -156,13 +174,18 @@ class ExampleBank:
         X = self.X if self.X.shape[1] == n_genes else sp.csr_matrix((len(obs), n_genes),
                                                                     dtype=np.float32)
         bank = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes]))
+        if self.measured.shape == X.shape:
+            bank.layers["measured"] = self.measured
         bank.uns["bank"] = {"size": -1 if self.size is None else int(self.size),
                             "prototype": self.prototype}
         return bank
 
     @classmethod
     def from_anndata(cls, bank) -> ExampleBank:
-        """Rebuild a bank saved with :meth:`to_anndata`."""
+        """Rebuild a bank saved with :meth:`to_anndata` (banks saved before canal recorded
+        measured genes count every gene as measured)."""
+        if isinstance(bank, ExampleBank):
+            return bank
         info = dict(bank.uns.get("bank", {}))
         size = int(info.get("size", 1000))
         out = cls(None if size < 0 else size, prototype=info.get("prototype", "classifier"))
@@ -171,6 +194,11 @@ class ExampleBank:
             raise ValueError(f"bank.h5ad lacks obs columns {sorted(missing)}; the checkpoint's "
                              "bank is corrupt")
         out.X = sp.csr_matrix(bank.X, dtype=np.float32)
+        if "measured" in bank.layers:
+            m = bank.layers["measured"]
+            out.measured = np.asarray(m.toarray() if sp.issparse(m) else m, dtype=bool)
+        else:
+            out.measured = np.ones(bank.shape, dtype=bool)
         out.obs = pd.DataFrame({
             "cell_type": bank.obs["cell_type"].astype(str).to_numpy(),
             "stage": bank.obs["stage"].to_numpy(dtype=int),

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from canal.data import Batch
+from canal.runtime import forward_cells
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,18 @@ class Distiller:
         if not self.active or n_all_types == 0:
             return 0.0
         return self.weight * self.n_old / n_all_types
+
+    def precompute(self, batches: Iterable[Batch], *, n_cells: int, start: int = 0,
+                   precision: str = "fp32", device: torch.device | None = None) -> torch.Tensor:
+        """The teacher's representation of every cell in ``batches`` (one pass, no gradients).
+
+        ``start > 0``: the batches carry hidden states of layer ``start - 1`` that the teacher
+        shares with the student (frozen layers), so only its later layers run.
+        """
+        if self.teacher is None:
+            raise ValueError("no teacher: call snapshot(net, n_old_types=...) first")
+        return forward_cells(self.teacher, batches, n_cells=n_cells, start=start,
+                             precision=precision, device=device).representation
 
     def set_targets(self, representations: torch.Tensor) -> None:
         """Teacher representations of every training cell, in training-set order."""

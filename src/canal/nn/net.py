@@ -84,6 +84,10 @@ class CellOutput:
     logits: torch.Tensor
 
 
+#: Parameters added after the first checkpoints; loading an older state dict fills them in.
+_NEW_PARAMETERS = ("head.unknown",)
+
+
 class GeneEmbedding(nn.Module):
     """One learned vector per panel gene (plus the extra token): scBERT's ``pos_emb``."""
 
@@ -98,13 +102,17 @@ class GeneEmbedding(nn.Module):
 class ClassifierHead(nn.Module):
     """CANAL's head: per-gene projection to a scalar, MLP to the representation, linear classifier.
 
-    ``classifier`` grows as new cell types arrive (:meth:`grow`); rows of known types are kept.
+    A gene the cell's dataset did not measure contributes no projection of its own: its scalar
+    is the learned ``unknown[gene]`` instead (zero until trained), so nothing of what its token
+    carried reaches the representation. ``classifier`` grows as new cell types arrive
+    (:meth:`grow`); rows of known types are kept.
     """
 
     def __init__(self, seq_len: int, dim: int, *, hidden: int, rep_dim: int, n_classes: int,
                  dropout: float):
         super().__init__()
         self.gene_proj = nn.Linear(dim, 1)
+        self.unknown = nn.Parameter(torch.zeros(seq_len))
         self.fc1 = nn.Linear(seq_len, hidden)
         self.fc2 = nn.Linear(hidden, rep_dim)
         self.dropout = nn.Dropout(dropout)
@@ -119,16 +127,23 @@ class ClassifierHead(nn.Module):
     def n_classes(self) -> int:
         return self.classifier.out_features
 
-    def represent(self, h: torch.Tensor) -> torch.Tensor:
+    def gene_values(self, h: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Each gene's scalar, ``(cells, seq_len)``; ``unknown[gene]`` where not measured."""
         z = self.gene_proj(h).squeeze(-1)
+        if present is not None:
+            z = torch.where(present, z, self.unknown.to(z.dtype))
+        return z
+
+    def represent(self, h: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.gene_values(h, present)
         z = self.dropout(self.act(self.fc1(z)))
         return self.act(self.fc2(z))
 
     def classify(self, rep: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(rep))
 
-    def forward(self, h: torch.Tensor) -> CellOutput:
-        rep = self.represent(h)
+    def forward(self, h: torch.Tensor, present: torch.Tensor | None = None) -> CellOutput:
+        rep = self.represent(h, present)
         return CellOutput(representation=rep, logits=self.classify(rep))
 
     @torch.no_grad()
@@ -189,6 +204,12 @@ class CanalNet(nn.Module):
         if n == self.config.n_genes:
             self.pos_emb.emb.weight[n:].zero_()
 
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a state dict strictly, filling parameters that older checkpoints lack."""
+        own = self.state_dict()
+        filled = {k: own[k] for k in _NEW_PARAMETERS if k not in state_dict and k in own}
+        self.load_state_dict(dict(state_dict) | filled, strict=True)
+
     @property
     def depth(self) -> int:
         return self.performer.depth
@@ -201,24 +222,32 @@ class CanalNet(nn.Module):
         return self.token_emb(tokens) + self.pos_emb(tokens.shape[-1])
 
     def encode(self, tokens: torch.Tensor | None = None, *, hidden: torch.Tensor | None = None,
-               start: int = 0, stop: int | None = None) -> torch.Tensor:
+               present: torch.Tensor | None = None, start: int = 0,
+               stop: int | None = None) -> torch.Tensor:
         """Hidden states after encoder layers ``start:stop`` (no final norm).
 
         Give ``tokens`` to start from the embeddings (``start`` must be 0), or ``hidden`` (the
         output of layer ``start - 1``, e.g. cached) to resume from layer ``start``.
+        ``present`` (``(cells, seq_len)`` bool, ``None``: all) marks the genes measured: the
+        others are no attention keys, so they reach no other token.
         """
         if hidden is None:
             if tokens is None or start != 0:
                 raise ValueError("pass tokens (with start=0) or the hidden states of layer start-1")
             hidden = self.embed(tokens)
-        return self.performer(hidden, start=start, stop=stop)
+        return self.performer(hidden, start=start, stop=stop, key_mask=present)
 
     def forward(self, tokens: torch.Tensor | None = None, *, hidden: torch.Tensor | None = None,
-                start: int = 0) -> CellOutput:
-        """Representation and logits, from tokens or from cached hidden states at layer ``start``."""
-        h = self.norm(self.encode(tokens, hidden=hidden, start=start))
-        return self.head(h)
+                present: torch.Tensor | None = None, start: int = 0) -> CellOutput:
+        """Representation and logits, from tokens or from cached hidden states at layer ``start``.
 
-    def mlm_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        Genes marked absent in ``present`` take no part: the result does not depend on what
+        their tokens hold.
+        """
+        h = self.norm(self.encode(tokens, hidden=hidden, present=present, start=start))
+        return self.head(h, present)
+
+    def mlm_logits(self, tokens: torch.Tensor, present: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         """Per-token bin logits of the masked-expression head, ``(cells, seq_len, n_tokens)``."""
-        return self.to_out(self.norm(self.encode(tokens)))
+        return self.to_out(self.norm(self.encode(tokens, present=present)))

@@ -33,7 +33,7 @@ def gaussian_orthogonal_random_matrix(n_rows: int, n_cols: int, *,
 
 
 def softmax_kernel(data: torch.Tensor, projection: torch.Tensor, *, is_query: bool,
-                   eps: float = 1e-4) -> torch.Tensor:
+                   eps: float = 1e-4, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Positive random features approximating exp(q.k / sqrt(d)) (Choromanski et al. 2021).
 
     ``data`` is (batch, heads, tokens, dim_head). Key features are stabilised with the max over
@@ -42,20 +42,32 @@ def softmax_kernel(data: torch.Tensor, projection: torch.Tensor, *, is_query: bo
     Computed as ``exp(dash - (diag + stab - log ratio)) + ratio * eps``, which equals
     ``ratio * (exp(dash - diag - stab) + eps)`` with three passes over the large
     (tokens x features) tensor instead of five; done in place when no gradient is needed.
+
+    ``key_mask`` (``(batch, tokens)`` bool, keys only) marks the tokens that exist: the others
+    get all-zero features, so they add nothing to the attention's numerator or normaliser, and
+    they are left out of the stabiliser. A masked token's values never reach another token.
     """
     data = data.float()
+    if key_mask is not None and not is_query:
+        data = data.masked_fill(~key_mask[:, None, :, None], 0.0)
     normalizer = data.shape[-1] ** -0.25
     ratio = projection.shape[0] ** -0.5
     dash = torch.matmul(data, (normalizer * projection.float()).T)
     diag = (data * data).sum(dim=-1, keepdim=True) * (0.5 * normalizer**2)
+    if key_mask is not None and not is_query:
+        # masked keys: zeroed above (whatever they held), -inf before exp, zero after (eps)
+        keep = key_mask[:, None, :, None]
+        dash = dash.masked_fill_(~keep, -torch.inf)
     if is_query:
         stab = dash.amax(dim=-1, keepdim=True).detach()
     else:
         stab = dash.amax(dim=(-1, -2), keepdim=True).detach()
     offset = diag + (stab - math.log(ratio))
     if dash.requires_grad:
-        return torch.exp(dash - offset) + ratio * eps
-    return dash.sub_(offset).exp_().add_(ratio * eps)
+        out = torch.exp(dash - offset) + ratio * eps
+        return out if key_mask is None or is_query else out * keep
+    out = dash.sub_(offset).exp_().add_(ratio * eps)
+    return out if key_mask is None or is_query else out.mul_(keep)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -77,10 +89,13 @@ class FastAttention(nn.Module):
                              gaussian_orthogonal_random_matrix(nb_features, dim_head,
                                                                generator=generator))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(device_type=q.device.type, enabled=False):
             qf = softmax_kernel(q, self.projection_matrix, is_query=True)
-            kf = softmax_kernel(k, self.projection_matrix, is_query=False)
+            kf = softmax_kernel(k, self.projection_matrix, is_query=False, key_mask=key_mask)
+            if key_mask is not None:
+                v = v.masked_fill(~key_mask[:, None, :, None], 0.0)
             return linear_attention(qf, kf, v)
 
 
@@ -97,13 +112,14 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=True)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, n, self.heads, -1).transpose(1, 2)
 
-        out = self.fast_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+        out = self.fast_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)),
+                                  key_mask)
         out = out.transpose(1, 2).reshape(b, n, -1).to(x.dtype)
         return self.dropout(self.to_out(out))
 
@@ -137,8 +153,8 @@ class PreLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fn = fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.norm(x))
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return self.fn(self.norm(x), *args)
 
 
 class SequentialSequence(nn.Module):
@@ -146,9 +162,10 @@ class SequentialSequence(nn.Module):
         super().__init__()
         self.layers = layers
 
-    def forward(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         for attn, ff in self.layers[start:stop]:
-            x = x + attn(x)
+            x = x + attn(x, key_mask)
             x = x + ff(x)
         return x
 
@@ -172,5 +189,7 @@ class Performer(nn.Module):
     def depth(self) -> int:
         return len(self.net.layers)
 
-    def forward(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.net(x, start=start, stop=stop)
+    def forward(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers ``start:stop``; ``key_mask`` ``(batch, tokens)`` bool: tokens that exist."""
+        return self.net(x, start=start, stop=stop, key_mask=key_mask)
