@@ -296,6 +296,46 @@ def test_disk_full_checkpoint_is_kept_elsewhere(tiny_model, tmp_path, monkeypatc
     assert _tree(path) == before and _leftovers(tmp_path) == []
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_real_full_disk(tiny_model, baron, typed_model, small_disk, tmp_path, capsys,
+                        monkeypatch):
+    # before: a full disk ended in a segmentation fault and a partial file (predict/embed) or
+    # a torch "unexpected pos" traceback and a lost model (fit)
+    out = small_disk / "emb.h5ad"
+    big = tmp_path / "big.h5ad"
+    baron[:1500].copy().write_h5ad(big)
+    assert main(["--quiet", "embed", "--model", str(typed_model), "--data", str(big),
+                 "--out", str(out)]) == 2
+    assert "no space left on the device" in capsys.readouterr().err
+    assert list(small_disk.iterdir()) == []
+    # a checkpoint too big for what is left, found only while writing: torch fails mid-file
+    free = io.shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 16_384))
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setattr(io.tempfile, "tempdir", str(spare))
+    monkeypatch.setattr(io, "_check_space", lambda *a, **k: None)
+    with pytest.raises(io.OutputError, match="no space left") as err:
+        tiny_model.save(small_disk / "ckpt")
+    kept = next(spare.glob("canal-unsaved-ckpt-*"))
+    assert str(kept) in str(err.value)
+    assert Annotator.from_pretrained(kept).genes == tiny_model.genes
+    assert sorted(p.name for p in small_disk.iterdir()) == [".ckpt.lock", "filler"]
+
+
 # --- 6. a missing bank, an edited panel ---------------------------------------------------------
 
 
