@@ -249,7 +249,8 @@ def _undecidable(adata, layer: str | None) -> ValueError:
         "nor a common per-cell total, and adata.uns['log1p'] does not name a base. Pass raw "
         "counts (layer='counts', or adata.raw.to_adata()), or log-normalize them with "
         "sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata), which records "
-        "uns['log1p']")
+        "uns['log1p']; if you know the values are log(1 + x), record the base, e.g. "
+        "adata.uns['log1p'] = {'base': 2} for log2")
 
 
 def detect_scale(adata, *, layer: str | None = None) -> InputScale:
@@ -533,7 +534,8 @@ def iter_panel_blocks(
                        "normalizing each cell to 1e4 and applying log1p")
     elif scale.kind == "log" and not scale.canonical:
         logger.info("input detected as %s; converted to ln(1 + CP10k)", scale)
-    logger.info("input detected as %s", scale)
+    else:
+        logger.info("input detected as %s", scale)
     if alignment is None:
         alignment = panel_alignment(adata, genes, case_insensitive=case_insensitive,
                                     orthologs=orthologs, min_overlap=min_overlap)
