@@ -177,3 +177,17 @@ def test_unassigned_training_label_is_refused(tiny_model, donors):
     with pytest.raises(ValueError, match="Unassigned"):
         tiny_model.fit_stage(cells, config=FAST)
     assert tiny_model.stage == 0
+
+
+def test_replay_refused_when_the_bank_file_is_missing(tiny_model, donors, tmp_path):
+    from canal import io
+
+    tiny_model.fit_stage(donors["human1"], config=FAST.replace(epochs=1))
+    tiny_model.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / io.BANK).unlink()
+    model = Annotator.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(io.CheckpointError, match="bank.h5ad is missing"):
+        model.fit_stage(donors["human2"], config=FAST.replace(epochs=1))
+    assert model.stage == 1
+    model.fit_stage(donors["human2"], config=FAST.replace(epochs=1, strategy="distill"))
+    assert model.stage == 2

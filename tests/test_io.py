@@ -32,7 +32,8 @@ def test_atomic_overwrite_leaves_no_temp(tiny_model, tmp_path):
     tiny_model.stage = 5
     tiny_model.save(tmp_path / "ckpt")
     assert Annotator.from_pretrained(tmp_path / "ckpt").stage == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # only the checkpoint and its (empty) lock file beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.lock", "ckpt"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.txt").write_text("user file")
     with pytest.raises(io.CheckpointError, match="not a canal checkpoint"):

@@ -175,3 +175,89 @@ def test_select_panel_over_several_files(baron, seger):
     assert len(both) == 150 and set(both) <= set(baron.var_names) | set(seger.var_names)
     with pytest.raises(ValueError, match="smaller n_genes"):
         pp.select_panel(seger, n_genes=5000)
+
+
+def _cp10k(a, total=1e4):
+    sc.pp.normalize_total(a, target_sum=total)
+
+
+# (name, transform of a counts AnnData, the scale detect_scale must report)
+_SCALES = [
+    ("ln_cp10k", lambda a: (_cp10k(a), sc.pp.log1p(a)), "ln(1 + CP10k)"),
+    ("log1p_twice", lambda a: (_cp10k(a), sc.pp.log1p(a), sc.pp.log1p(a)),
+     "ln(1 + ln(1 + CP10k))"),
+    ("ln_cpm", lambda a: (_cp10k(a, 1e6), sc.pp.log1p(a)), "ln(1 + CPM)"),
+    ("log2_cp10k", lambda a: (_cp10k(a), sc.pp.log1p(a, base=2)), "log2(1 + CP10k)"),
+    # the same values without scanpy's record: told from the data alone
+    ("log2_cp10k_no_uns", lambda a: (_cp10k(a), sc.pp.log1p(a, base=2), a.uns.pop("log1p")),
+     "log2(1 + CP10k)"),
+    ("log10_cpm", lambda a: (_cp10k(a, 1e6), sc.pp.log1p(a, base=10)), "log10(1 + CPM)"),
+    ("ln_counts", lambda a: sc.pp.log1p(a), "ln(1 + counts)"),
+    ("ln_median_total", lambda a: (sc.pp.normalize_total(a), sc.pp.log1p(a)), "ln(1 + values"),
+]
+
+
+@pytest.mark.parametrize(("transform", "scale"), [s[1:] for s in _SCALES],
+                         ids=[s[0] for s in _SCALES])
+def test_log_scales_detected_and_converted(baron, panel, transform, scale, caplog):
+    # before: only exact ln(1 + CP10k) was read right; log1p twice, ln(1 + CPM) and
+    # log2(1 + CP10k) were used as is, silently
+    counts = baron[:200].copy()
+    ref = pp.prepare(counts, panel)
+    a = counts.copy()
+    with np.errstate(all="ignore"):
+        transform(a)
+    got = pp.detect_scale(a)
+    assert got.kind == "log" and str(got).startswith(scale)
+    with caplog.at_level(logging.INFO, logger="canal"):
+        x = pp.prepare(a, panel)
+    np.testing.assert_allclose(x.toarray(), ref.toarray(), atol=2e-5)
+    if not got.canonical:
+        assert "converted to ln(1 + CP10k)" in caplog.text
+
+
+def test_canonical_input_passes_through_unchanged(baron):
+    a = baron[:200].copy()
+    _cp10k(a)
+    sc.pp.log1p(a)
+    assert pp.detect_scale(a) == pp.CANONICAL
+    assert pp.normalize_block(a.X, pp.detect_scale(a)) is a.X
+
+
+def test_gene_subset_after_normalizing(baron, panel):
+    # scanpy users often keep only some genes after log1p: rows no longer share a total
+    counts = baron[:200].copy()
+    keep = np.asarray(counts.X.sum(axis=0)).ravel().argsort()[-3000:]
+    ln = counts.copy()
+    _cp10k(ln)
+    sc.pp.log1p(ln)
+    ln = ln[:, keep].copy()
+    assert str(pp.detect_scale(ln)) == "ln(1 + CP10k) of a gene subset"
+    genes = [g for g in panel if g in set(ln.var_names)]
+    ref = pp.prepare(ln, genes)  # used as is
+    np.testing.assert_allclose(ref.toarray(), ln[:, genes].X.toarray(), rtol=1e-6)
+    log2 = counts.copy()
+    _cp10k(log2)
+    sc.pp.log1p(log2, base=2)
+    log2 = log2[:, keep].copy()
+    assert str(pp.detect_scale(log2)) == "log2(1 + CP10k) of a gene subset"
+    np.testing.assert_allclose(pp.prepare(log2, genes).toarray(), ref.toarray(), atol=2e-5)
+
+
+def test_uns_log1p_base_decides_and_undecidable_is_refused(seger):
+    # Lawlor's values are not counts: once logged, only scanpy's record tells the base
+    lawlor = seger[seger.obs["batch"].str.startswith("Lawlor")][:120].copy()
+    assert pp.detect_input(lawlor) == "unlogged"
+    logged = lawlor.copy()
+    sc.pp.log1p(logged, base=2)
+    got = pp.detect_scale(logged)
+    assert got.kind == "log" and got.base == 2 and got.logs == 1
+    x = pp.log_normalize(logged)
+    np.testing.assert_allclose(x.toarray(), pp.log_normalize(lawlor).toarray(), atol=2e-5)
+    del logged.uns["log1p"]
+    with pytest.raises(ValueError, match=r"cannot tell how adata.X was normalized.*layer="):
+        pp.detect_scale(logged)
+    logged.uns["log1p"] = {"base": 2}  # the fix the message names, for a known scale
+    assert pp.detect_scale(logged).base == 2
+    with pytest.raises(ValueError, match="must exceed 1"):
+        pp.detect_scale(ad.AnnData(logged.X, uns={"log1p": {"base": 0.5}}))

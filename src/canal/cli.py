@@ -80,8 +80,9 @@ def _match(args: argparse.Namespace) -> dict:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from canal import Annotator, ModelConfig
+    from canal import Annotator, ModelConfig, io
 
+    io.check_out(args.out, *args.data)
     adatas = [_read(p) for p in args.data]
     config = ModelConfig.paper() if args.size == "paper" else ModelConfig()
     model = Annotator.create(adatas, n_genes=args.n_genes, config=config)
@@ -100,13 +101,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from canal import Annotator
+    from canal import Annotator, io
 
+    io.check_out(args.out, args.data, args.model)
     model = Annotator.from_pretrained(args.model)
     adata = _read(args.data)
     model.embed(adata, key_added=args.key_added, match=_match(args))
-    adata.write_h5ad(args.out)
-    print(f"embedding written to {args.out} (obsm[{args.key_added!r}])")
+    io.write_h5ad(adata, args.out)
+    print(f"embedding written to {args.out} (obsm['X_{args.key_added}'])")
     return 0
 
 
@@ -123,11 +125,12 @@ def _parse_where(where: Sequence[str] | None) -> dict[str, list[str]]:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from canal import Annotator
+    from canal import Annotator, io
     from canal.data import read_labels
     from canal.datasets import type_mask, where_mask
     from canal.train import StageConfig
 
+    io.check_out(args.out, args.data)
     model = Annotator.from_pretrained(args.from_)
     adata = _read(args.data)
     read_labels(adata, args.labels)  # a clear error for a missing or incomplete column
@@ -150,10 +153,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from canal import Annotator, ModelConfig
+    from canal import Annotator, ModelConfig, io
     from canal.pretrain import PretrainConfig
     from canal.stream import load_corpus
 
+    io.check_out(args.out, *(args.data or []))
     if bool(args.data) == bool(args.corpus):
         raise ValueError("pass the cells to pre-train on with --data FILE [FILE ...] or "
                          "--corpus NAME (one of the two)")
@@ -191,9 +195,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
+    from canal import io
     from canal.stream import format_table, run_stream
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    io.check_out(out, args.config)
     res = run_stream(args.config, out_dir=out, root=args.data_dir, strategy=args.strategy,
                      seed=args.seed, epochs=args.epochs, test_every_stage=not args.tests_last)
     print(f"\n{res['name']} ({res['strategy']}, seed {res['seed']}, {res['seconds']:.0f}s)")
@@ -223,17 +229,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from canal import Annotator, io
 
-    from canal import Annotator
-
-    if Path(args.out).resolve() == Path(args.data).resolve():
-        raise ValueError(f"--out {args.out} is the input file; write the result to a new file")
+    io.check_out(args.out, args.data, args.model)
     model = Annotator.from_pretrained(args.model)
     adata = _read(args.data, backed=True)
     model.predict(adata, key_added=args.key_added, novelty=args.novelty,
                   batch_size=args.batch_size, precision=args.precision, match=_match(args))
-    adata.write_h5ad(args.out)
+    io.write_h5ad(adata, args.out)
     counts = adata.obs[args.key_added].value_counts()
     print(f"{adata.n_obs} cells annotated; {int(counts.get('Unassigned', 0))} Unassigned; "
           f"written to {args.out} (obs[{args.key_added!r}], obsm['X_{args.key_added}'])")
@@ -244,8 +247,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from canal import metrics, pl
+    from canal import io, metrics, pl
 
+    if args.out:
+        io.check_out(args.out, args.pred)
     adata = _read(args.pred, backed=True)
     novel = [t.strip() for t in args.novel_types.split(",") if t.strip()] if args.novel_types \
         else []
@@ -257,7 +262,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = {"pred": str(args.pred), "truth": args.truth, "key": args.key,
               "novel_types": novel, "metrics": scores,
               "params": {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    io.write_text(out / "metrics.json", json.dumps(report, indent=2, default=str))
     width = max(len(k) for k in scores)
     print(f"{'metric':<{width}}  value")
     for name, value in scores.items():
@@ -274,7 +279,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         plots["novelty.png"] = lambda: pl.novelty_hist(adata, key=args.key, truth=args.truth,
                                                        novel_types=novel).figure
     for name, make in plots.items():
-        make().savefig(out / name, dpi=120)
+        io.save_figure(make(), out / name, dpi=120)
     print(f"metrics.json and {', '.join(plots)} written to {out}")
     return 0
 
@@ -286,9 +291,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from canal import Annotator, pl
+    from canal import Annotator, io, pl
     from canal.explain import KNOWN_MARKERS, GeneImportance, marker_recovery
 
+    io.check_out(args.out, args.data, args.model)
     model = Annotator.from_pretrained(args.model)
     adata = _read(args.data, backed=True)
     groupby = None if args.groupby.lower() == "none" else args.groupby
@@ -299,17 +305,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     result = GeneImportance.from_uns(adata.uns[key])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    top.to_csv(out / "top_genes.csv", index=False)
-    result.scores.to_csv(out / "gene_importance.csv", index_label="gene")
-    pl.gene_importance_heatmap(result.scores, n_top=args.plot_top).savefig(
-        out / "gene_importance.png", dpi=120)
+    io.write_csv(top, out / "top_genes.csv", index=False)
+    io.write_csv(result.scores, out / "gene_importance.csv", index_label="gene")
+    io.save_figure(pl.gene_importance_heatmap(result.scores, n_top=args.plot_top),
+                   out / "gene_importance.png", dpi=120)
     report = {"params": result.params, "n_cells": result.n_cells.to_dict()}
     if args.markers:
         rec = marker_recovery(result.scores, KNOWN_MARKERS[args.markers], n_top=args.n_top)
         report["marker_recovery"] = rec
         print(f"markers ({args.markers}) in their type's top {args.n_top}: "
               f"{rec['n_recovered']} of {rec['n_in_panel']} types with a marker in the panel")
-    (out / "params.json").write_text(json.dumps(report, indent=2, default=str))
+    io.write_text(out / "params.json", json.dumps(report, indent=2, default=str))
     p = result.params
     print(f"{p['n_cells']} cells, {len(result.scores.columns)} types explained "
           f"({p['method']}, {1e3 * p['seconds_per_cell']:.0f} ms per cell); top_genes.csv, "
@@ -523,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings.verbosity = "warning"
         try:
             return int(args.func(args) or 0)
-        except (ValueError, KeyError, FileNotFoundError) as err:
+        except (ValueError, KeyError, OSError) as err:  # OSError: io.OutputError, bad files
             where = f" (rank {distributed.rank()})" if distributed.active() else ""
             print(f"canal {args.command}{where}: error: {err}", file=sys.stderr)
             return 2

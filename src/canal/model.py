@@ -72,6 +72,8 @@ class Annotator:
         self.bank = bank
         self.history = list(history or [])
         self.match = match or GeneMatch()
+        #: the checkpoint this model was loaded from, when its example bank file was missing
+        self._bank_missing_from: Path | None = None
 
     # ---------------------------------------------------------------------------------------
     # construction, saving, loading
@@ -148,9 +150,11 @@ class Annotator:
         extra = {k: v for k, v in meta.items()
                  if k not in {"model_config", "genes", "cell_types", "stage", "format",
                               "format_version", "versions", "gene_match"}}
-        return cls(net, genes, cell_types=cell_types, stage=meta.get("stage", 0), meta=extra,
-                   bank=ckpt.bank, history=ckpt.history,
-                   match=GeneMatch.from_dict(meta.get("gene_match")))
+        model = cls(net, genes, cell_types=cell_types, stage=meta.get("stage", 0), meta=extra,
+                    bank=ckpt.bank, history=ckpt.history,
+                    match=GeneMatch.from_dict(meta.get("gene_match")))
+        model._bank_missing_from = Path(path) if ckpt.bank_missing else None
+        return model
 
     def save(self, path: str | Path, *, optimizer: dict | None = None) -> Path:
         """Write the model as a checkpoint directory (atomic).
@@ -348,6 +352,8 @@ class Annotator:
         The annotator itself, trained.
         """
         config = config or StageConfig()
+        if config.uses_replay and self._bank_missing_from is not None:
+            raise io.bank_missing_error(self._bank_missing_from, config.strategy)
         match = GeneMatch.resolve(match, self.match)
         labels = read_labels(adata, labels_key)
         if UNASSIGNED in set(labels):
@@ -374,6 +380,7 @@ class Annotator:
                 self.meta["novelty"] = cal
             raise
         self.match = match
+        self._bank_missing_from = None
         return self
 
     def _fit_stage(self, new: CellData, labels: pd.Series, names: np.ndarray, labels_key: str,

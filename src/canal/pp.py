@@ -8,7 +8,8 @@ memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -31,8 +32,10 @@ TARGET_SUM = 1e4
 #: log1p(1e6): no log-normalized value exceeds this; larger non-integer values are un-logged.
 _LOG_MAX = 14.0
 _DETECT_CELLS = 2000
+_DETECT_VALUES = 300_000
 
 InputKind = Literal["counts", "log", "unlogged"]
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,15 +95,178 @@ def _check_block(block: sp.csr_matrix, offset: int) -> None:
                          "remove them, e.g. sc.pp.filter_cells(adata, min_counts=1)")
 
 
-def detect_input(adata, *, layer: str | None = None) -> InputKind:
-    """Tell raw counts from log-normalized input (and from un-logged normalized values).
+#: Log transforms tried when un-logging input: (base, how many times log(1 + x) was applied);
+#: base None is the identity (linear values).
+_CANDIDATES: tuple[tuple[float | None, int], ...] = (
+    (math.e, 1), (2.0, 1), (10.0, 1), (math.e, 2), (2.0, 2), (None, 0))
+#: log2(1 + 1e9): no log-scaled expression value exceeds this.
+_ANY_LOG_MAX = 30.0
+_INTEGER_SHARE = 0.9  # share of un-logged values that are integer multiples of the cell's factor
+_TOTAL_CV = 1e-3  # rows "sum to a common total" below this coefficient of variation
 
-    Looks at up to 2,000 cells: integer values are counts; non-integer values up to
-    log1p(1e6) are log-normalized; larger non-integer values (TPM, FPKM, CPM) are un-logged.
+
+@dataclass(frozen=True)
+class InputScale:
+    """How expression values were transformed, as told from the data by :func:`detect_scale`.
+
+    ``kind`` is ``"counts"``, ``"log"`` (``logs`` times ``log_base(1 + x)``) or ``"unlogged"``
+    (non-integer linear values: TPM, CPM, FPKM). ``total`` is the common per-cell total of the
+    un-logged values (1e4 for CP10k); ``None`` means each cell is normalized again over the file's
+    genes.
+    """
+
+    kind: InputKind
+    base: float | None = None
+    logs: int = 0
+    total: float | None = None
+    description: str = ""
+
+    @property
+    def canonical(self) -> bool:
+        """canal's own scale, ln(1 + CP10k): used as is."""
+        return (self.kind == "log" and self.logs == 1 and self.base is not None
+                and abs(self.base - math.e) < 1e-9 and self.total == TARGET_SUM)
+
+    def __str__(self) -> str:
+        return self.description or self.kind
+
+
+CANONICAL = InputScale("log", math.e, 1, TARGET_SUM, "ln(1 + CP10k)")
+
+
+def _log_name(base: float | None) -> str:
+    return {math.e: "ln", 2.0: "log2", 10.0: "log10"}.get(base, f"log_{base:g}")
+
+
+def _describe(base: float | None, logs: int, inner: str) -> str:
+    out = inner
+    for _ in range(logs):
+        out = f"{_log_name(base)}(1 + {out})"
+    return out
+
+
+def _total_name(total: float | None) -> str:
+    return {1e4: "CP10k", 1e6: "CPM"}.get(total, f"values normalized to {total:g} per cell")
+
+
+def _unlog(data: np.ndarray, base: float | None, logs: int) -> np.ndarray:
+    out = np.asarray(data, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(logs):
+            out = np.expm1(out * math.log(base))
+    return out
+
+
+def _declared_base(adata) -> float | None:
+    """``uns["log1p"]["base"]`` as scanpy records it (None there means e); None if absent."""
+    rec = adata.uns.get("log1p")
+    if rec is None:
+        return None
+    base = rec.get("base") if isinstance(rec, Mapping) else None
+    if base is None:
+        return math.e
+    base = float(np.asarray(base).item())
+    if not base > 1:
+        raise ValueError(f"adata.uns['log1p']['base'] is {base!r}; a log base must exceed 1 "
+                         "(set it to the base used, or None for the natural log)")
+    return base
+
+
+@dataclass
+class _Fit:
+    base: float | None
+    logs: int
+    values: np.ndarray  # un-logged non-zero values
+    integer_share: float
+    factors: np.ndarray  # per-cell smallest un-logged value (the factor of a count of 1)
+    totals: np.ndarray  # per-cell sums of the un-logged values
+
+    @property
+    def cv(self) -> float:
+        return float(np.std(self.totals) / max(np.mean(self.totals), 1e-300))
+
+
+def _fit(block: sp.csr_matrix, base: float | None, logs: int) -> _Fit | None:
+    """Un-log ``block`` with one candidate and measure how count-like the result is."""
+    c = _unlog(block.data, base, logs)
+    if not np.isfinite(c).all():
+        return None
+    nnz = np.diff(block.indptr)
+    has = nnz > 0
+    starts = block.indptr[:-1][has]
+    factors = np.minimum.reduceat(c, starts)
+    totals = np.add.reduceat(c, starts)
+    ratio = c / np.repeat(factors, nnz[has])
+    # counts of 1 make every candidate look integer: score the larger multiples only
+    big = (ratio >= 1.5) & (ratio <= 1000)
+    share = 0.0
+    if big.sum() >= 50:
+        r = ratio[big]
+        share = float((np.abs(r - np.round(r)) < 0.02 + 1e-4 * r).mean())
+    return _Fit(base, logs, c, share, factors, totals)
+
+
+def _nice(total: float) -> float:
+    rounded = float(f"{total:.2g}")
+    return rounded if abs(rounded / total - 1) < 5e-3 else float(total)
+
+
+def _scale_of(fit: _Fit, *, integer: bool) -> InputScale:
+    """The scale a chosen candidate implies, with the per-cell total it was normalized to."""
+    if fit.logs == 0:
+        return InputScale("unlogged", description="non-integer values, not log-transformed "
+                          "(TPM/CPM-like)")
+    if integer and np.mean(np.abs(fit.factors - 1) < 1e-3) > 0.99:
+        return InputScale("log", fit.base, fit.logs, None, _describe(fit.base, fit.logs,
+                                                                     "counts"))
+    if fit.cv < _TOTAL_CV:
+        total = _nice(float(np.median(fit.totals)))
+        return InputScale("log", fit.base, fit.logs, total,
+                          _describe(fit.base, fit.logs, _total_name(total)))
+    return _subset_scale(fit.base, fit.logs, fit.totals)
+
+
+def _subset_scale(base: float | None, logs: int, totals: np.ndarray) -> InputScale:
+    """Rows do not share a total (genes were subset after normalizing): bound the total."""
+    if totals.max() <= 1.01 * TARGET_SUM:
+        logger.info("cells' un-logged values do not sum to a common total (genes subset after "
+                    "normalizing?); their largest sum %.0f fits CP10k, taken as CP10k",
+                    totals.max())
+        return InputScale("log", base, logs, TARGET_SUM,
+                          _describe(base, logs, "CP10k") + " of a gene subset")
+    logger.warning("cells' un-logged values do not sum to a common total and exceed 1e4 (genes "
+                   "subset after normalizing to CPM or more?); normalizing each cell again over "
+                   "the file's genes")
+    return InputScale("log", base, logs, None,
+                      _describe(base, logs, "values of unknown total") + " of a gene subset")
+
+
+def _undecidable(adata, layer: str | None) -> ValueError:
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    return ValueError(
+        f"cannot tell how {where} was normalized: its values are non-integer, un-logging them "
+        "(ln, log2, log10, once or twice) gives neither integer multiples of a per-cell factor "
+        "nor a common per-cell total, and adata.uns['log1p'] does not name a base. Pass raw "
+        "counts (layer='counts', or adata.raw.to_adata()), or log-normalize them with "
+        "sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata), which records "
+        "uns['log1p']; if you know the values are log(1 + x), record the base, e.g. "
+        "adata.uns['log1p'] = {'base': 2} for log2")
+
+
+def detect_scale(adata, *, layer: str | None = None) -> InputScale:
+    """Tell how the expression values were transformed, from the data themselves.
+
+    Looks at up to 2,000 cells. Integer values are counts. Otherwise each candidate transform
+    (ln, log2 or log10 of 1 + x, applied once or twice, or none) is inverted, and the one is
+    kept whose un-logged values are integer multiples of a per-cell factor (counts scaled per
+    cell, as normalize_total does) or, failing that, whose cells sum to a common total. That
+    total tells CP10k from CPM. ``adata.uns["log1p"]["base"]`` (scanpy's record) decides the
+    base when the data cannot; values above log2(1e9) are linear (TPM, FPKM). Anything else is
+    refused with a ValueError that names the fix.
 
     Returns
     -------
-    ``"counts"``, ``"log"`` or ``"unlogged"``.
+    The :class:`InputScale`; :func:`normalize_block` converts it to canal's ln(1 + CP10k).
     """
     check_adata(adata)
     n = min(adata.n_obs, _DETECT_CELLS)
@@ -115,31 +281,83 @@ def detect_input(adata, *, layer: str | None = None) -> InputKind:
     if data.size == 0:
         raise ValueError("expression matrix is all zeros; pass a dataset with measured genes")
     if np.allclose(data, np.round(data)):
-        return "counts"
-    if data.max() > _LOG_MAX:
-        return "unlogged"
-    return "log"
+        return InputScale("counts", description="raw counts")
+    declared = _declared_base(adata)
+    candidates = [c for c in _CANDIDATES if c[0] == declared] + \
+        [c for c in _CANDIDATES if c[0] != declared]
+    if data.max() > _ANY_LOG_MAX:
+        candidates = [(None, 0)]
+    # trying six transforms on a few hundred thousand values is enough and stays fast
+    rows = max(50, int(np.searchsorted(block.indptr, _DETECT_VALUES, side="right")) - 1)
+    sample = block[:rows]
+    fits = [f for f in (_fit(sample, b, k) for b, k in candidates) if f is not None]
+    best = max(fits, key=lambda f: f.integer_share, default=None)
+    integer = best is not None and best.integer_share >= _INTEGER_SHARE
+    if not integer:
+        best = min((f for f in fits if f.cv < _TOTAL_CV), key=lambda f: f.cv, default=None)
+    if best is not None:
+        if declared is not None and best.logs and best.base != declared:
+            logger.warning("adata.uns['log1p'] records base %g but the values are %s-scaled; "
+                           "using the data's scale", declared, _log_name(best.base))
+        return _scale_of(best, integer=integer)
+    if data.max() > _ANY_LOG_MAX:
+        return InputScale("unlogged", description="non-integer values, not log-transformed "
+                          "(TPM/CPM-like)")
+    if declared is not None:
+        logger.info("scale taken from adata.uns['log1p'] (base %g)", declared)
+        fit = _fit(sample, declared, 1)
+        if fit is not None:
+            return _subset_scale(declared, 1, fit.totals)
+    raise _undecidable(adata, layer)
 
 
-def normalize_block(block: sp.csr_matrix, kind: InputKind) -> sp.csr_matrix:
-    """Log-normalize a CSR block (normalize_total to 1e4, then log1p) unless already logged."""
-    if kind == "log":
+def detect_input(adata, *, layer: str | None = None) -> InputKind:
+    """Tell raw counts from log-normalized input (and from un-logged normalized values).
+
+    The kind of :func:`detect_scale`'s answer, which also names the log base and total.
+
+    Returns
+    -------
+    ``"counts"``, ``"log"`` or ``"unlogged"``.
+    """
+    return detect_scale(adata, layer=layer).kind
+
+
+def normalize_block(block: sp.csr_matrix, kind: InputKind | InputScale) -> sp.csr_matrix:
+    """Bring a CSR block to canal's ln(1 + CP10k).
+
+    Counts and un-logged values are normalized (normalize_total to 1e4, then log1p); log input
+    on another scale (log2, CPM, logged twice, a gene subset) is un-logged and converted; input
+    already on ln(1 + CP10k) (``kind="log"`` or a canonical :class:`InputScale`) is returned
+    as is.
+    """
+    scale = CANONICAL if kind == "log" else kind
+    if isinstance(scale, str):
+        scale = InputScale(scale)
+    if scale.canonical:
         return block
-    totals = np.asarray(block.sum(axis=1)).ravel()
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-    out = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ block, dtype=np.float32)
+    out = sp.csr_matrix(block, dtype=np.float64, copy=True)
+    if scale.kind == "log":
+        out.data = _unlog(out.data, scale.base, scale.logs)
+    if scale.kind == "log" and scale.total is not None:
+        out.data *= TARGET_SUM / scale.total
+    else:
+        totals = np.asarray(out.sum(axis=1)).ravel()
+        factor = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+        out = sp.csr_matrix(sp.diags(factor) @ out)
     np.log1p(out.data, out=out.data)
-    return out
+    return sp.csr_matrix(out, dtype=np.float32)
 
 
 def log_normalize(adata, *, layer: str | None = None) -> sp.csr_matrix:
-    """Log-normalized expression of all genes, as a new CSR matrix (adata is not modified).
+    """Expression of all genes on canal's ln(1 + CP10k), as a new CSR matrix (adata unchanged).
 
     Raw counts and un-logged values are normalized with scanpy's recipe (normalize_total to
-    1e4, log1p); log-normalized input is passed through, so data is never normalized twice.
+    1e4, log1p); log input on another scale is converted (see :func:`detect_scale`); input
+    already on ln(1 + CP10k) is passed through, so data is never normalized twice.
     """
-    kind = detect_input(adata, layer=layer)
-    blocks = [normalize_block(b, kind) for b, _ in _iter_blocks(adata, layer=layer)]
+    scale = detect_scale(adata, layer=layer)
+    blocks = [normalize_block(b, scale) for b, _ in _iter_blocks(adata, layer=layer)]
     return sp.vstack(blocks, format="csr")
 
 
@@ -384,18 +602,21 @@ def iter_panel_blocks(
     """
     match = match or GeneMatch()
     check_adata(adata)
-    kind = detect_input(adata, layer=match.layer)
-    if kind == "unlogged":
+    scale = detect_scale(adata, layer=match.layer)
+    if scale.kind == "unlogged":
         logger.warning("expression is non-integer but not log-transformed (TPM/CPM-like); "
                        "normalizing each cell to 1e4 and applying log1p")
-    logger.info("input detected as %s", kind)
+    elif scale.kind == "log" and not scale.canonical:
+        logger.info("input detected as %s; converted to ln(1 + CP10k)", scale)
+    else:
+        logger.info("input detected as %s", scale)
     if alignment is None:
         alignment = match.align(adata, genes)
     elif alignment.n_panel != len(genes) or len(alignment.source_index) != len(genes):
         raise ValueError(f"alignment is for {alignment.n_panel} genes, the panel has "
                          f"{len(genes)}; recompute it with match.align(adata, genes)")
     for block, _ in _iter_blocks(adata, layer=match.layer, chunk_size=chunk_size):
-        yield _select_columns(normalize_block(block, kind), alignment)
+        yield _select_columns(normalize_block(block, scale), alignment)
 
 
 _orthologs = orthologs

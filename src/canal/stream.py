@@ -217,13 +217,13 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     if save_model:
         model.save(out / "model")
         results["model"] = str(out / "model")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=io.to_jsonable))
+    io.write_text(out / "results.json", json.dumps(results, indent=2, default=io.to_jsonable))
     if len(R):
-        R.to_csv(out / "accuracy_matrix.csv")
+        io.write_csv(R, out / "accuracy_matrix.csv")
     table = pd.DataFrame(records)
     for name, sub in table.groupby("test", sort=False):
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-        sub.drop(columns=["test"]).to_csv(out / f"test_{safe}.csv", index=False)
+        io.write_csv(sub.drop(columns=["test"]), out / f"test_{safe}.csv", index=False)
     if plots:
         _plots(results, R, table, out)
     return results
@@ -237,9 +237,9 @@ def _plots(results: dict, R: pd.DataFrame, table: pd.DataFrame, out: Path) -> No
 
     if len(R):
         fig = pl.accuracy_matrix(R)
-        fig.savefig(out / "accuracy_matrix.png", dpi=120, bbox_inches="tight")
+        io.save_figure(fig, out / "accuracy_matrix.png", dpi=120, bbox_inches="tight")
     fig = pl.stream_accuracy(table)
-    fig.savefig(out / "test_accuracy.png", dpi=120, bbox_inches="tight")
+    io.save_figure(fig, out / "test_accuracy.png", dpi=120, bbox_inches="tight")
 
 
 def format_table(results: dict) -> str:
