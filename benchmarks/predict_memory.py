@@ -213,7 +213,7 @@ def speed(args) -> None:
                                           replace=False)
     train = train[np.sort(idx)].copy()
     test = baron[donor == "human4"].copy()
-    model = Annotator.create(None, genes=genes)
+    model = Annotator.from_genes(genes)
     t0 = time.perf_counter()
     model.fit_stage(train, config=StageConfig(epochs=args.train_epochs, seed=0))
     fit_s = time.perf_counter() - t0

@@ -57,4 +57,4 @@ def panel(baron) -> list[str]:
 
 @pytest.fixture()
 def tiny_model(panel) -> Annotator:
-    return Annotator.create(None, genes=panel, config=TINY)
+    return Annotator.from_genes(panel, config=TINY)

@@ -53,6 +53,6 @@ def novel_split(data_root: Path) -> NovelSplit:
     test = baron[(donor == "human4") & np.isin(types, [*known, NOVEL])].copy()
 
     genes = pp.select_panel(train, n_genes=200)
-    model = Annotator.create(None, genes=genes, config=TINY)
+    model = Annotator.from_genes(genes, config=TINY)
     model.fit_stage(train, labels_key="cell_type", config=StageConfig(**STAGE))
     return NovelSplit(model=model, train=train, test=test)

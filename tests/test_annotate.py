@@ -196,7 +196,7 @@ def test_errors_name_the_fix(model, cells):
         model.predict(cells, precision="fp16")
     with pytest.raises(ValueError, match="batch_size"):
         model.predict(cells, batch_size=0)
-    untrained = Annotator.create(None, genes=model.genes, config=model.net.config)
+    untrained = Annotator.from_genes(model.genes, config=model.net.config)
     with pytest.raises(ValueError, match="fit_stage"):
         untrained.predict(cells)
     with pytest.raises(ValueError, match="key_added"):

@@ -107,7 +107,7 @@ def test_naive_forgets_more_than_canal(panel, donors):
     old = ["alpha", "ductal", "acinar"]
     accs = {}
     for strategy in ("naive", "canal"):
-        model = Annotator.create(None, genes=panel, config=TINY)
+        model = Annotator.from_genes(panel, config=TINY)
         cfg = StageConfig(**(FAST.to_dict() | {"strategy": strategy, "bank_size": 200}))
         model.fit_stage(s1, config=cfg)
         before = _acc_on(model, test, old)
@@ -139,7 +139,7 @@ def test_bad_labels(tiny_model, donors):
 
 
 def test_cli_fits_the_three_pancreas_stages(tmp_path, data_root, panel):
-    start = Annotator.create(None, genes=panel, config=TINY).save(tmp_path / "s0")
+    start = Annotator.from_genes(panel, config=TINY).save(tmp_path / "s0")
     src = str(data_root / "pancreas" / "baron_human.h5ad")
     six = "acinar,alpha,beta,delta,ductal,gamma"
     stages = [["--where", "batch=human1", "--types", six],

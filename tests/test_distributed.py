@@ -43,7 +43,7 @@ def stage_files(baron, panel, tmp_path_factory):
     rng = np.random.default_rng(0)
     sub = donor[np.sort(rng.choice(donor.n_obs, 240, replace=False))].copy()
     sub.write_h5ad(root / "cells.h5ad")
-    Annotator.create(None, genes=panel, config=TINY).save(root / "init")
+    Annotator.from_genes(panel, config=TINY).save(root / "init")
     return root / "cells.h5ad", root / "init", sub
 
 
@@ -100,6 +100,7 @@ def test_helpers_without_a_process_group(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.torchrun
 def test_two_ranks_agree_and_ddp_averages_gradients(stage_files, tmp_path):
     data, init, _ = stage_files
     prefix = tmp_path / "rank"
@@ -125,6 +126,7 @@ def test_two_ranks_agree_and_ddp_averages_gradients(stage_files, tmp_path):
     assert s0["bank_stages"] == [1, 2] and len(s0["bank"]) == 40
 
 
+@pytest.mark.torchrun
 def test_torchrun_fit_matches_single_process(stage_files, tmp_path):
     data, init, cells = stage_files
     out = tmp_path / "runs" / "ddp"
@@ -169,6 +171,7 @@ def test_cli_refuses_commands_that_are_not_data_parallel(monkeypatch, tmp_path, 
     assert "without torchrun" in capsys.readouterr().err
 
 
+@pytest.mark.torchrun
 def test_torchrun_pretrain(stage_files, tmp_path):
     data, init, cells = stage_files
     out = tmp_path / "pt"

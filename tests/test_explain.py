@@ -34,7 +34,7 @@ def cells(baron):
 
 @pytest.fixture(scope="module")
 def trained(cells, panel) -> Annotator:
-    model = Annotator.create(None, genes=panel, config=TINY)
+    model = Annotator.from_genes(panel, config=TINY)
     model.fit_stage(cells[0], config=StageConfig(epochs=8, lr=3e-3, patience=10, seed=0))
     return model
 

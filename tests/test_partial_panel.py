@@ -26,7 +26,7 @@ def partial_panel(baron, seger):
 @pytest.fixture(scope="module")
 def trained(baron, partial_panel):
     """A tiny model trained one stage on Baron human1 (every panel gene measured)."""
-    model = Annotator.create(None, genes=partial_panel, config=TINY)
+    model = Annotator.from_genes(partial_panel, config=TINY)
     stage = baron[(baron.obs["batch"] == "human1").to_numpy()
                   & baron.obs["cell_type"].isin(["alpha", "beta", "ductal"]).to_numpy()]
     return model.fit_stage(stage, config=FAST)
@@ -159,7 +159,7 @@ def test_panel_dropout_changes_training_deterministically(baron, partial_panel):
                   & baron.obs["cell_type"].isin(["alpha", "beta", "ductal"]).to_numpy()][:150]
     runs = []
     for rate in (0.0, 0.5, 0.5):
-        model = Annotator.create(None, genes=partial_panel, config=TINY)
+        model = Annotator.from_genes(partial_panel, config=TINY)
         data = model.prepare(cells)
         model.net.head.grow(3, generator=torch.Generator().manual_seed(0))
         data.labels = np.unique(cells.obs["cell_type"].astype(str), return_inverse=True)[1]

@@ -82,7 +82,7 @@ def test_mask_tokens_shares_and_determinism(baron, panel):
 
 def _small_run(tmp_path, baron, panel, name):
     cells = baron[:240].copy()
-    model = Annotator.create(None, genes=panel[:120], config=TINY)
+    model = Annotator.from_genes(panel[:120], config=TINY)
     cfg = PretrainConfig(epochs=2, batch_size=32, lr=3e-3, warmup_steps=2, checkpoint_every=3,
                          eval_every=4, val_fraction=0.1, seed=3)
     return model, cells, cfg, tmp_path / name
@@ -169,7 +169,7 @@ def test_read_gene2vec_file(tmp_path, panel):
     bad.write_text("INS 0.1 0.2\nGCG 0.1\n")
     with pytest.raises(ValueError, match="malformed"):
         read_gene_embedding(bad, panel)
-    model = Annotator.create(None, genes=panel, config=TINY.replace(dim=24), gene_embedding=path)
+    model = Annotator.from_genes(panel, config=TINY.replace(dim=24), gene_embedding=path)
     np.testing.assert_allclose(model.net.pos_emb.emb.weight[:150].detach().numpy(),
                                vecs / scale, rtol=1e-4, atol=1e-5)
 

@@ -123,7 +123,7 @@ def test_mouse_stage_is_matched_through_orthologs(tmp_path, data_root, panel):
     from canal import Annotator
     from tests.conftest import TINY
 
-    Annotator.create(None, genes=panel, config=TINY).save(tmp_path / "human")
+    Annotator.from_genes(panel, config=TINY).save(tmp_path / "human")
     cfg = tmp_path / "mouse.toml"
     cfg.write_text(MOUSE_STAGE_STREAM.format(init=tmp_path / "human"))
     res = run_stream(cfg, out_dir=tmp_path / "out", root=data_root, plots=False)

@@ -80,6 +80,13 @@ class Annotator:
     # ---------------------------------------------------------------------------------------
 
     @classmethod
+    def from_genes(cls, genes: Sequence[str], *, config: ModelConfig | None = None,
+                   gene_embedding=None) -> Annotator:
+        """A randomly initialised model on a given gene panel (``config.n_genes`` is set from
+        it); ``gene_embedding`` as in :meth:`create` (a path or a matrix)."""
+        return cls.create(None, genes=genes, config=config, gene_embedding=gene_embedding)
+
+    @classmethod
     def create(cls, adata, *, n_genes: int = 1000, config: ModelConfig | None = None,
                genes: Sequence[str] | None = None, gene_embedding=None,
                layer: str | None = None,
