@@ -716,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                                       root=root, plots=args.plots,
                                       out=out / "runs" / cfg.name / f"{method}_seed{seed}")
                         new = [{"experiment": cfg.name, "method": method, "seed": seed, **r}]
-                except Exception:  # noqa: BLE001 - keep the other runs going, report at the end
+                except Exception:
                     err = traceback.format_exc()
                     print(err, file=sys.stderr)
                     new = [{"experiment": cfg.name, "method": method, "seed": seed,

@@ -36,6 +36,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -44,9 +45,11 @@ import torch
 import canal
 from canal import Annotator, ModelConfig
 from canal.continual import Distiller
-from canal.data import CellData
 from canal.nn import performer
 from canal.train import StageConfig, run_stage, set_trainable, trainable_start
+
+if TYPE_CHECKING:
+    from canal.data import CellData
 
 canal.settings.progress = False
 

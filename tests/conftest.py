@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import pytest
@@ -11,6 +11,9 @@ import torch
 
 from canal import Annotator, ModelConfig
 from canal._settings import data_dir, settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 settings.progress = False
 # CANAL_TEST_THREADS=1 lets two suites share the 2-core machine without thrashing
@@ -55,6 +58,6 @@ def panel(baron) -> list[str]:
     return pp.select_panel(baron, n_genes=200)
 
 
-@pytest.fixture()
+@pytest.fixture
 def tiny_model(panel) -> Annotator:
     return Annotator.from_genes(panel, config=TINY)

@@ -22,13 +22,13 @@ def split(data_root):
     return novel_split(data_root)
 
 
-@pytest.fixture()
+@pytest.fixture
 def model(split) -> Annotator:
     """A private copy of the trained model (tests may change it)."""
     return copy.deepcopy(split.model)
 
 
-@pytest.fixture()
+@pytest.fixture
 def cells(split) -> ad.AnnData:
     """90 test cells (every 3rd cell of donor human4, alpha included)."""
     return split.test[::3][:90].copy()

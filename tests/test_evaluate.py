@@ -84,8 +84,8 @@ def test_plots_return_figures_and_leave_adata_alone():
     assert colours[0]["a"] == colours[1]["a"]
     assert list(adata.obs.columns) == list(before.obs.columns)
     assert list(adata.obsm) == ["X_canal"] and not adata.obsp
+    adata.obs["canal_novelty"] = np.nan
     with pytest.raises(ValueError, match="novelty='none'"):
-        adata.obs["canal_novelty"] = np.nan
         pl.novelty_hist(adata)
 
 

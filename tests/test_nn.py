@@ -10,7 +10,7 @@ from canal.nn import CanalNet, ModelConfig, load_scbert_state_dict
 from tests.conftest import TINY
 
 
-@pytest.fixture()
+@pytest.fixture
 def tokens(baron, panel):
     return pp.bin_tokens(pp.prepare(baron[:12], panel))
 

@@ -34,7 +34,7 @@ def _tree(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): _sha(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture()
+@pytest.fixture
 def cells(baron, tmp_path) -> Path:
     """100 Baron cells (raw counts) as an .h5ad."""
     path = tmp_path / "cells.h5ad"
@@ -42,7 +42,7 @@ def cells(baron, tmp_path) -> Path:
     return path
 
 
-@pytest.fixture()
+@pytest.fixture
 def typed_model(tiny_model, tmp_path) -> Path:
     """A tiny untrained checkpoint with three cell types (enough to predict)."""
     tiny_model.net.head.grow(3)
@@ -162,10 +162,10 @@ def test_evaluate_and_explain_write_through_temporaries(cells, typed_model, tmp_
 def test_permission_and_missing_folder_are_named(tmp_path):
     target = tmp_path / "report.json"
     target.write_text("previous")
-    with pytest.raises(io.OutputError, match="permission denied writing"):
-        with io.atomic_path(target) as tmp:
-            tmp.write_text("new")
-            raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+    with pytest.raises(io.OutputError, match="permission denied writing"), \
+            io.atomic_path(target) as tmp:  # noqa: PT012 (the write and the failure belong together)
+        tmp.write_text("new")
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
     assert target.read_text() == "previous" and _leftovers(tmp_path) == []
     with pytest.raises(io.OutputError, match="does not exist"):
         io.write_text(tmp_path / "no" / "such" / "folder.json", "{}")
@@ -296,7 +296,7 @@ def test_disk_full_checkpoint_is_kept_elsewhere(tiny_model, tmp_path, monkeypatc
     assert _tree(path) == before and _leftovers(tmp_path) == []
 
 
-@pytest.fixture()
+@pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MiB filesystem (tmpfs); skipped where mounting is not allowed."""
     mnt = tmp_path / "small"

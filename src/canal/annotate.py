@@ -20,18 +20,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from canal import novelty as nov
 from canal import pp
 from canal.data import Batch, CellData
 from canal.metrics import UNASSIGNED
-from canal.nn import CanalNet, CellOutput
 from canal.runtime import (
     BATCH_SIZE,
     Precision,
@@ -40,6 +38,11 @@ from canal.runtime import (
     eval_mode,
     forward_cells,
 )
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from canal.nn import CanalNet, CellOutput
 
 logger = logging.getLogger(__name__)
 

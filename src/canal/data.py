@@ -7,8 +7,8 @@ no Python loop over cells and memory stays proportional to the batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,9 @@ import scipy.sparse as sp
 import torch
 
 from canal import pp
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
 
 def encode_labels(values, classes: Sequence[str], *, key: str = "labels") -> np.ndarray:

@@ -9,16 +9,19 @@ the same filters (:func:`where_mask`, :func:`type_mask`).
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from canal._settings import data_dir
-from canal.pp import GeneMatch
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from canal.pp import GeneMatch
 
 CONFIGS = Path(__file__).parent / "configs"
 #: Cell types with fewer cells in a stage are left out of it (the reference experiments' rule).

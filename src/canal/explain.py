@@ -37,9 +37,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -48,8 +47,12 @@ from tqdm.auto import tqdm
 
 from canal import pp
 from canal._settings import settings
-from canal.data import CellData
-from canal.nn import CanalNet
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
+
+    from canal.data import CellData
+    from canal.nn import CanalNet
 
 logger = logging.getLogger(__name__)
 

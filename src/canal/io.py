@@ -24,14 +24,16 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from filelock import FileLock, Timeout
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -504,10 +506,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
         os.replace(tmp, path)
     except BaseException as err:
-        try:
+        with suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         named = _named_error(err, path)
         if named is not None and named is not err:
             raise named from err

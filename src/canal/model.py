@@ -10,12 +10,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 
 from canal import annotate, distributed, io, novelty, pp
@@ -27,6 +25,11 @@ from canal.nn import CanalNet, ModelConfig
 from canal.pp import GeneMatch
 from canal.runtime import BATCH_SIZE, eval_mode, forward_cells
 from canal.train import StageConfig, run_stage
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 

@@ -272,10 +272,7 @@ def detect_scale(adata, *, layer: str | None = None) -> InputScale:
     n = min(adata.n_obs, _DETECT_CELLS)
     step = max(1, adata.n_obs // n)
     idx = np.arange(0, adata.n_obs, step)[:n]
-    if adata.isbacked:
-        block = _rows(adata, 0, n, layer)
-    else:
-        block = _rows(adata[idx], 0, len(idx), layer)
+    block = _rows(adata, 0, n, layer) if adata.isbacked else _rows(adata[idx], 0, len(idx), layer)
     _check_block(block, 0)
     data = block.data
     if data.size == 0:

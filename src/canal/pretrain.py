@@ -25,10 +25,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -39,8 +38,12 @@ from tqdm.auto import tqdm
 from canal import distributed, pp
 from canal._settings import settings
 from canal.data import CellData, panel_dropout
-from canal.nn import CanalNet
 from canal.train import check_loop_options
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from canal.nn import CanalNet
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *, generator: torc
     ``(inputs, hidden)``: the corrupted tokens and a boolean mask of the hidden positions (the
     targets are ``tokens[hidden]``). Every cell has at least one hidden token.
     """
-    n_cells, seq = tokens.shape
+    _n_cells, seq = tokens.shape
     genes = torch.zeros(seq, dtype=torch.bool)
     genes[:-1] = True  # never hide the extra per-cell token
     if present is not None:
@@ -486,7 +489,7 @@ def corpus_gene_embedding(X: sp.spmatrix | np.ndarray, dim: int, *, seed: int = 
     rng = np.random.default_rng(seed)
     if X.shape[0] > max_cells:
         X = X[np.sort(rng.choice(X.shape[0], max_cells, replace=False))]
-    n, g = X.shape
+    n, _g = X.shape
     mean = np.asarray(X.mean(axis=0)).ravel()
     cov = (X.T @ X).toarray() / n - np.outer(mean, mean)
     sd = np.sqrt(np.clip(np.diag(cov), 0, None))

@@ -7,15 +7,18 @@ interpretation all run the network through :func:`forward_cells`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from canal._settings import settings
-from canal.data import Batch
 from canal.nn import CanalNet, CellOutput
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from canal.data import Batch
 
 Precision = Literal["fp32", "bf16"]
 

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -28,10 +28,12 @@ from tqdm.auto import tqdm
 
 from canal import distributed
 from canal._settings import settings
-from canal.continual.distill import Distiller
 from canal.data import Batch, CellData, panel_dropout
-from canal.nn import CanalNet, CellOutput
 from canal.runtime import BATCH_SIZE, autocast, check_precision, eval_mode, forward_cells
+
+if TYPE_CHECKING:
+    from canal.continual.distill import Distiller
+    from canal.nn import CanalNet, CellOutput
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ to the others). As types are added, quotas shrink and each type keeps its best-r
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,9 @@ import scipy.sparse as sp
 import torch
 
 from canal.data import CellData, encode_labels
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 

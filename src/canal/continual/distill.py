@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from canal.data import Batch
 from canal.runtime import forward_cells
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from canal.data import Batch
 
 logger = logging.getLogger(__name__)
 

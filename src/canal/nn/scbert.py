@@ -7,11 +7,14 @@ list (16,906 genes + 1 extra row), so the rows of the model's panel genes are pi
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from canal.nn.net import CanalNet
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from canal.nn.net import CanalNet
 
 logger = logging.getLogger(__name__)
 
