@@ -43,7 +43,7 @@ def _add_match_args(p: argparse.ArgumentParser) -> None:
                    help="match gene symbols ignoring case")
     g.add_argument("--min-overlap", type=float, default=None,
                    help="refuse data measuring less than this share of the model's genes "
-                        "(default 0.05)")
+                        "(canal's default 0.05)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, cls, *, title: str) -> None:
@@ -61,11 +61,12 @@ def _add_config_args(p: argparse.ArgumentParser, cls, *, title: str) -> None:
         if isinstance(default, bool):
             g.add_argument(flag, dest=f"cfg_{f.name}",
                            type=lambda v: v.lower() in ("1", "true", "yes"),
-                           default=default, metavar="BOOL", help=f"(default {default})")
+                           default=default, metavar="BOOL", help=f"{cls.__name__}.{f.name}")
             continue
         kind = type(default) if default is not None else float
         g.add_argument(flag, dest=f"cfg_{f.name}", type=kind, choices=choices, default=default,
-                       help=f"(default {default})")
+                       metavar=None if choices else f.name.upper(),
+                       help=f"{cls.__name__}.{f.name}")
 
 
 def _config_from_args(cls, args: argparse.Namespace, **overrides):
@@ -98,8 +99,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from canal import Annotator
 
     model = Annotator.from_pretrained(args.model)
-    print(model)
+    print(model, "(shipped weights)" if args.model is None else f"from {args.model}")
+    print(f"gene panel: {len(model.genes)} genes ({', '.join(model.genes[:8])}, ...)")
+    print(f"gene match: {model.match}")
     print("cell types:", ", ".join(model.cell_types) or "(none yet)")
+    for h in model.history:
+        acc = h.get("best_val_accuracy")
+        print(f"stage {h['stage']}: {h['n_cells']} cells (+{h.get('n_replayed', 0)} replayed), "
+              f"new types {h.get('new_types') or 'none'}, strategy "
+              f"{h.get('config', {}).get('strategy')}, best validation accuracy "
+              + (f"{acc:.3f}" if isinstance(acc, float) else "n/a"))
+    if model.bank is not None:
+        print(f"example bank: {len(model.bank)} cells, {len(model.bank.counts())} types")
+    cal = model.meta.get("novelty")
+    if cal:
+        rule = cal.get("rule", "mixup")
+        print(f"novelty calibration: {rule}, stage {cal.get('stage')}"
+              + (f", fpr {cal['fpr']}" if "fpr" in cal else ""))
+    pre = model.meta.get("pretrain")
+    if pre:
+        print(f"pre-training: {pre.get('n_cells')} cells, {pre.get('step')} steps")
     return 0
 
 
@@ -326,12 +345,40 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default when it has one worth showing (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _global_args(p: argparse.ArgumentParser, *, default) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log progress details")
+    p.add_argument("--quiet", action="store_true", default=default, help="no progress bars")
+    p.add_argument("--device", default=default if default is argparse.SUPPRESS else None,
+                   help="torch device (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from canal.datasets import MIN_CELLS_PER_TYPE
+
     parser = argparse.ArgumentParser(prog="canal", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--device", default=None, help="torch device (default: auto)")
+    _global_args(parser, default=False)
+    # the same flags after the subcommand (canal predict ... -v); SUPPRESS keeps the ones given
+    # before it
+    common = argparse.ArgumentParser(add_help=False)
+    _global_args(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return add_parser(name, parents=[common],
+                          formatter_class=_Help, **kwargs)
+
+    sub.add_parser = add  # type: ignore[method-assign]
 
     p = sub.add_parser("init", help="a randomly initialised model on a panel of HVGs")
     p.add_argument("--data", nargs="+", required=True, help=".h5ad files to choose genes from")
@@ -352,8 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", metavar="KEY=V1,V2",
                    help="keep cells whose obs[KEY] is one of the values (repeatable)")
     p.add_argument("--types", default=None, help="comma-separated cell types to keep")
-    p.add_argument("--min-cells", type=int, default=1,
-                   help="leave out types with fewer cells than this")
+    p.add_argument("--min-cells", type=int, default=MIN_CELLS_PER_TYPE,
+                   help="leave out types with fewer cells than this: a type with a handful of "
+                        "cells can be neither learnt nor validated (the reference experiments' "
+                        "rule)")
     _add_config_args(p, StageConfig, title="stage hyper-parameters (canal.StageConfig)")
     _add_match_args(p)
     p.set_defaults(func=_cmd_fit)
@@ -421,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("info", help="describe a checkpoint")
-    p.add_argument("model")
+    p = sub.add_parser("info", help="describe a checkpoint (default: the shipped weights)")
+    p.add_argument("model", nargs="?", default=None)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("embed", help="write cell representations to obsm")
@@ -519,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings.verbosity = "info" if args.verbose else "warning"
-    if args.quiet:
+    if getattr(args, "quiet", False):
         settings.progress = False
     if args.device:
         settings.device = args.device
