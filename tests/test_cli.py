@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import anndata as ad
+import pytest
 
 from canal.cli import main
 
@@ -49,8 +50,7 @@ def test_fit_flags_come_from_stage_config_and_reach_the_model(tmp_path, data_roo
     assert "stage 1:" in info and "example bank: 30 cells, 3 types" in info
     assert "min_overlap=0.02" in info
     # a bad choice is refused by argparse with the allowed values
-    try:
+    with pytest.raises(SystemExit) as err:
         main(["fit", "--data", str(src), "--out", str(out), "--strategy", "bogus"])
-    except SystemExit as err:
-        assert err.code == 2
+    assert err.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
