@@ -176,3 +176,20 @@ def test_model_stores_its_gene_match(trained, tmp_path, baron_mouse):
     model.match = model.match.replace(min_overlap=0.01)
     again = Annotator.from_pretrained(_save(model, tmp_path / "m2"))
     assert again.match.min_overlap == 0.01
+
+
+def test_one_stage_from_files_with_different_gene_sets(seger, baron, partial_panel):
+    """A list of AnnData is one stage; each file keeps its own measured genes."""
+    model = Annotator.from_genes(partial_panel, config=TINY)
+    a = baron[(baron.obs["batch"] == "human2").to_numpy()
+              & baron.obs["cell_type"].isin(["alpha", "beta"]).to_numpy()][:80]
+    types = seger.obs["cell_type"].astype(str)
+    b = seger[np.concatenate([np.flatnonzero(types == t)[:30] for t in ("alpha", "beta",
+                                                                        "ductal")])]
+    model.fit_stage([a, b], config=FAST.replace(epochs=1))
+    h = model.history[-1]
+    assert h["n_cells"] == 170 and model.cell_types == ["alpha", "beta", "ductal"]
+    measured = model.bank.measured[model.bank.obs["cell"].isin(b.obs_names).to_numpy()]
+    assert len(measured) and not measured[:, 120:].any()
+    rest = model.bank.measured[model.bank.obs["cell"].isin(a.obs_names).to_numpy()]
+    assert len(rest) and rest.all()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
 from canal import annotate, distributed, io, novelty, pp
@@ -29,7 +30,6 @@ from canal.train import StageConfig, run_stage
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,10 @@ class Annotator:
         ----------
         adata
             Labelled cells (raw counts or log-normalized), any genes: they are aligned to the
-            model's gene panel, and panel genes the data lack are not measured (not zero).
+            model's gene panel, and panel genes the data lack are not measured (not zero). A
+            list of AnnData (e.g. files of different technologies) makes one stage in which
+            each file keeps its own measured genes (``anndata.concat`` would fill a gene one
+            file lacks with zeros, i.e. "measured and silent").
         labels_key
             Column of ``adata.obs`` holding the cell types.
         config
@@ -365,7 +368,10 @@ class Annotator:
         if config.uses_replay and self._bank_missing_from is not None:
             raise io.bank_missing_error(self._bank_missing_from, config.strategy)
         match = GeneMatch.resolve(match, self.match)
-        labels = read_labels(adata, labels_key)
+        parts = list(adata) if isinstance(adata, list | tuple) else [adata]
+        if not parts:
+            raise ValueError("fit_stage got an empty list of datasets")
+        labels = pd.concat([read_labels(a, labels_key) for a in parts], ignore_index=True)
         if UNASSIGNED in set(labels):
             raise ValueError(f"obs[{labels_key!r}] has cells labelled {UNASSIGNED!r}, the name "
                              "canal gives novel cells; drop them (adata[adata.obs[key] != "
@@ -377,12 +383,13 @@ class Annotator:
         elif counts.min() < 2:
             logger.warning("cell type(s) %s have a single cell; they cannot be validated",
                            counts.index[counts < 2].tolist())
-        new = self.prepare(adata, match=match)  # before any change: bad input changes nothing
+        # read before any change: bad input leaves the model as it was
+        new = concat([self.prepare(a, match=match) for a in parts])
+        names = np.concatenate([np.asarray(a.obs_names, dtype=str) for a in parts])
         before = (copy.deepcopy(self.net), list(self.cell_types), self.bank,
                   self.meta.get("novelty"))
         try:
-            self._fit_stage(new, labels, np.asarray(adata.obs_names, dtype=str), labels_key,
-                            config, device)
+            self._fit_stage(new, labels, names, labels_key, config, device)
         except BaseException:
             self.net, self.cell_types, self.bank, cal = before
             self.meta.pop("novelty", None)
