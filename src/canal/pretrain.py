@@ -239,11 +239,13 @@ class _Validation:
         tokens = data.tokens(np.sort(index))
         present = data.present(np.sort(index))
         inputs, hidden = mask_tokens(tokens, config, generator=gen, present=present)
-        # bin frequencies over (a sample of) the training cells' gene tokens
+        # bin frequencies over (a sample of) the training cells' measured gene tokens
         rng = np.random.default_rng(config.seed)
-        sample = rng.choice(train_index, size=min(len(train_index), 2000), replace=False)
-        counts = torch.bincount(data.tokens(np.sort(sample))[:, :-1].reshape(-1),
-                                minlength=pp.N_BINS)[:pp.N_BINS]
+        sample = np.sort(rng.choice(train_index, size=min(len(train_index), 2000),
+                                    replace=False))
+        sample_tokens = data.tokens(sample)[:, :-1]
+        measured = torch.from_numpy(data.measured_rows(sample))
+        counts = torch.bincount(sample_tokens[measured], minlength=pp.N_BINS)[:pp.N_BINS]
         return cls(inputs=inputs, hidden=hidden, targets=tokens[hidden],
                    majority_bin=int(counts.argmax()),
                    majority_expressed_bin=int(counts[1:].argmax()) + 1, present=present)
