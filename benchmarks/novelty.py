@@ -116,14 +116,15 @@ def train_stream(config: str, *, seed: int, epochs: int | None, root: Path | Non
             labels += list(prev.labels)
             names += list(prev.obs["cell"])
         codes = encode_labels(labels, model.cell_types)
-        tr, _ = stratified_split(codes, stage_config.val_fraction, stage_config.seed)
+        tr, val = stratified_split(codes, stage_config.val_fraction, stage_config.seed)
         names = np.asarray(names, dtype=str)
         trained |= set(names[tr])
         seen |= set(names)
+        last_val = set(names[val])
     bank = model.bank
     if not isinstance(bank, ad.AnnData):
         raise RuntimeError("the model has no example bank; use a replay strategy")
-    return model, cfg, stages, holds, tests, trained, seen
+    return model, cfg, stages, holds, tests, trained, seen, last_val
 
 
 def dump(experiment: str, *, seed: int, epochs: int | None, out: Path) -> Path:
@@ -133,14 +134,17 @@ def dump(experiment: str, *, seed: int, epochs: int | None, out: Path) -> Path:
 
     config = EXPERIMENTS[experiment]
     t0 = time.perf_counter()
-    model, cfg, stages, holds, tests, trained, seen = train_stream(config, seed=seed,
-                                                                   epochs=epochs)
+    model, cfg, stages, holds, tests, trained, seen, last_val = train_stream(
+        config, seed=seed, epochs=epochs)
     train_seconds = time.perf_counter() - t0
     arrays: dict[str, np.ndarray] = {}
     calib = seen - trained
     # one entry per part: files differ in genes, so parts are never concatenated as AnnData
     sets: dict[str, list] = {
         "calibration": [a[a.obs_names.isin(list(calib))].copy() for a in stages],
+        # what fit_stage itself holds after the last stage: that stage's validation cells
+        # (new cells and replayed bank cells, the latter trained on in earlier stages)
+        "calibration_last": [a[a.obs_names.isin(list(last_val))].copy() for a in stages],
         "bank": [model.bank],
         "heldout": holds,
     }
@@ -163,7 +167,8 @@ def dump(experiment: str, *, seed: int, epochs: int | None, out: Path) -> Path:
                 cols.setdefault("mixup_score", []).append(
                     res["canal_novelty"].to_numpy(dtype=np.float32))
         for col, values in cols.items():
-            arrays[f"{key}/{col}"] = np.concatenate(values)
+            v = np.concatenate(values)
+            arrays[f"{key}/{col}"] = v.astype(str) if v.dtype == object else v
     meta = {"experiment": experiment, "config": config, "seed": seed, "epochs": epochs,
             "cell_types": list(model.cell_types), "train_seconds": train_seconds,
             "n_trained": len(trained), "n_calibration": len(calib),
@@ -197,7 +202,7 @@ MIXUP = "mixup (CANAL, transductive)"
 
 
 def load_dump(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    z = np.load(path, allow_pickle=False)
+    z = np.load(path, allow_pickle=True)  # our own dumps; early ones hold object string arrays
     meta = json.loads(str(z["meta"]))
     sets: dict[str, dict[str, np.ndarray]] = {}
     for key in z.files:
@@ -217,8 +222,10 @@ def _rule(score: str, kw: dict, cal_set: dict, bank: dict, classes: list[str], f
         params["mahalanobis"] = nv.fit_mahalanobis(bank["rep"], bank["label"], classes=classes)
     scorer = nv.NoveltyCalibration(score=score, fpr=fpr, min_class_cells=min_class_cells,
                                    thresholds={}, calibration={}, n_cells={}, params=params)
+    # the bank may hold calibration cells (it is refilled from a stage's training *and*
+    # validation cells): a calibration cell must not be its own neighbour
     cal_scores = scorer.scores(representation=cal_set["rep"], logits=cal_set["logits"],
-                               reference=bank["rep"])
+                               reference=bank["rep"], exclude_self=True)
     pred = np.asarray(classes)[cal_set["logits"].argmax(1)]
     cal = nv.fit_calibration(cal_scores, pred, score=score, fpr=fpr,
                              min_class_cells=min_class_cells, params=params)
@@ -251,17 +258,21 @@ def evaluate_dump(path: Path, *, fpr: float, min_class_cells: int = 50,
 
     meta, sets = load_dump(path)
     classes = meta["cell_types"]
-    bank, cal_set = sets["bank"], sets["calibration"]
+    bank = sets["bank"]
     tests = {k: v for k, v in sets.items() if k.startswith("test:") or k == "heldout"}
     groups = {k: nv.neighbour_groups(v["rep"]) for k, v in tests.items()} if vote else {}
     rows: dict[str, dict] = {}
     curves: dict[str, dict] = {}
+    variants = [("", "calibration", min_class_cells), (" pooled", "calibration", 10**9)]
+    if "calibration_last" in sets:
+        variants.append((" last-stage val", "calibration_last", min_class_cells))
     for label, score, kw in CANDIDATES:
-        for pooled in (False, True):
-            name = label + (" pooled" if pooled else "")
-            cal = _rule(score, kw, cal_set, bank, classes, fpr,
-                        10**9 if pooled else min_class_cells)
-            rows[name] = {"dict_floats": _n_floats(cal.to_dict())}
+        for suffix, cal_key, mcc in variants:
+            main = suffix == ""
+            name = label + suffix
+            cal = _rule(score, kw, sets[cal_key], bank, classes, fpr, mcc)
+            rows[name] = {"dict_floats": _n_floats(cal.to_dict()),
+                          "n_calibration": int(len(sets[cal_key]["label"]))}
             for tname, t in tests.items():
                 truth = t["label"]
                 known = np.isin(truth, classes)
@@ -271,11 +282,11 @@ def evaluate_dump(path: Path, *, fpr: float, min_class_cells: int = 50,
                 novel = cal.is_novel(s, closed)
                 pred = np.where(novel, UNASSIGNED, closed)
                 m = _metrics(truth, pred, closed, known, s)
-                if vote and not pooled:
+                if vote and main:
                     vl, _ = nv.cluster_vote(closed, novel, groups[tname])
                     m["vote"] = _metrics(truth, vl, closed, known, None)
                 rows[name][tname] = m
-                if not pooled:
+                if main:
                     p = cal.p_values(s, closed)
                     alphas = np.round(np.arange(0.01, 0.31, 0.01), 2)
                     curves.setdefault(name, {})[tname] = {
@@ -355,6 +366,45 @@ def markdown(experiment: str, runs: list[dict], *, fpr: float) -> str:
     return "\n".join(lines)
 
 
+def summary(by_exp: dict[str, list[dict]], *, fpr: float) -> str:
+    """One row per rule: H-score where a test set has novel types, else the share of known cells
+    called novel and the accuracy lost to novelty calls (closed-set minus with-novelty)."""
+    cols, head = [], ["rule"]
+    for exp, runs in by_exp.items():
+        for tname in runs[0]["rows"][MIXUP]:
+            has_novel = runs[0]["rows"][MIXUP][tname].get("n_novel", 0) > 0
+            short = tname.removeprefix("test:")
+            cols.append((exp, tname, has_novel))
+            head += [f"{exp}: {short} H", f"{exp}: {short} called novel"] if has_novel else \
+                [f"{exp}: {short} called novel", f"{exp}: {short} acc loss"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    rules = [r for r in next(iter(by_exp.values()))[0]["rows"]]
+    for rule in rules:
+        cells = [rule]
+        for exp, tname, has_novel in cols:
+            ms = [r["rows"][rule][tname] for r in by_exp[exp] if rule in r["rows"]]
+            if has_novel:
+                cells += [_fmt([m["h_score"] for m in ms]),
+                          _fmt([m["unassigned_known"] for m in ms])]
+            else:
+                cells += [_fmt([m["unassigned_known"] for m in ms]),
+                          _fmt([m["closed_accuracy"] - m["accuracy"] for m in ms])]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = {exp: [r["meta"]["seed"] for r in runs] for exp, runs in by_exp.items()}
+    epochs = {exp: runs[0]["meta"]["epochs"] for exp, runs in by_exp.items()}
+    return "\n".join([
+        f"Target fpr {fpr}; seeds {seeds}; epochs per stage {epochs} (reduced for time).", "",
+        *lines, "",
+        "H: harmonic mean of known accuracy (a known cell called Unassigned is wrong) and the "
+        "share of novel-type cells called Unassigned. called novel: share of known-type cells "
+        f"called Unassigned (target <= {fpr}). acc loss: closed-set accuracy minus accuracy "
+        "with novelty on, on known-type cells (target <= 0.03). Rules without a suffix: "
+        "per-class thresholds (>= 50 calibration cells), calibrated on every stage's never-"
+        "trained validation cells; `pooled`: one threshold; `last-stage val`: calibrated on the "
+        "last stage's validation split only (what fit_stage holds; its replayed bank cells were "
+        "trained on earlier)."])
+
+
 def load_dump_types(run: dict, tname: str) -> list[str]:
     return run["novel_types"].get(tname, [])
 
@@ -380,6 +430,9 @@ def evaluate(out: Path, *, results: Path, fpr: float, command: str, machine: str
         by_exp.setdefault(run["meta"]["experiment"], []).append(run)
         if run["meta"]["seed"] == 0:
             _figure(pl, path, run, results, fpr=fpr)
+    (results / "novelty_summary.md").write_text("\n".join(
+        ["# novelty rules: summary", "", f"Generated {time.strftime('%Y-%m-%dT%H:%M:%S%z')} by "
+         f"`{command}`.", "", summary(by_exp, fpr=fpr)]))
     header = [f"Generated {time.strftime('%Y-%m-%dT%H:%M:%S%z')} by `{command}` on {machine}, "
               f"torch {torch.__version__} (1 thread).", ""]
     for exp, runs in by_exp.items():

@@ -363,6 +363,13 @@ def test_scores_match_their_definitions():
     d = np.linalg.norm(x[:, None] / np.linalg.norm(x, axis=1)[:, None, None]
                        - ref[None] / np.linalg.norm(ref, axis=1)[None, :, None], axis=2)
     np.testing.assert_allclose(nv.knn_score(x, ref, k=3), np.sort(d, axis=1)[:, 2])
+    # a cell that is in the reference does not count itself when exclude_self is set
+    inside = np.concatenate([ref, x])
+    np.testing.assert_allclose(nv.knn_score(inside[:50], inside, k=1)[:5], 0.0, atol=1e-6)
+    loo = [np.sort(np.delete(np.linalg.norm(
+        inside / np.linalg.norm(inside, axis=1, keepdims=True)
+        - inside[i] / np.linalg.norm(inside[i]), axis=1), i))[1] for i in range(5)]
+    np.testing.assert_allclose(nv.knn_score(inside[:5], inside, k=2, exclude_self=True), loo)
     logits = rng.normal(size=(6, 3))
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     np.testing.assert_allclose(nv.msp_score(logits), 1 - p.max(1))

@@ -361,7 +361,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def knn_score(representation: Any, reference: Any, *, k: int = 10,
-              chunk: int = 2048) -> np.ndarray:
+              exclude_self: bool = False, chunk: int = 2048) -> np.ndarray:
     """Distance to the ``k``-th nearest reference cell, both L2-normalised (Sun et al. 2022).
 
     Parameters
@@ -372,6 +372,11 @@ def knn_score(representation: Any, reference: Any, *, k: int = 10,
         ``(m, d)`` representations of known cells, e.g. the example bank's (``m >= k``).
     k
         Which neighbour's distance is the score (``1`` = nearest).
+    exclude_self
+        Ignore reference cells identical to the scored cell (normalised distance < 1e-5).
+        Use it when scoring cells that are themselves in the reference, e.g. calibration cells
+        that the example bank also kept: a new cell is never in the bank, so a calibration cell
+        must not count itself as its nearest neighbour.
     chunk
         Cells per distance block (memory only; results do not depend on it).
 
@@ -385,12 +390,15 @@ def knn_score(representation: Any, reference: Any, *, k: int = 10,
         raise ValueError(f"representation has {x.shape[1]} features, reference "
                          f"{ref.shape[1]}; use the same model's representations")
     k = int(k)
-    if not 1 <= k <= len(ref):
-        raise ValueError(f"k must be in [1, {len(ref)}] (reference cells), got {k}")
+    if not 1 <= k <= len(ref) - int(exclude_self):
+        raise ValueError(f"k must be in [1, {len(ref) - int(exclude_self)}] (reference cells), "
+                         f"got {k}")
     out = np.empty(len(x))
     for s in range(0, len(x), chunk):
         # ||a - b||^2 = 2 - 2 a.b for unit vectors
         sim = x[s:s + chunk] @ ref.T
+        if exclude_self:
+            sim[sim > 1.0 - 0.5e-10] = -np.inf  # distance < 1e-5
         kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
         out[s:s + chunk] = np.sqrt(np.clip(2.0 - 2.0 * kth, 0.0, None))
     return out
@@ -501,7 +509,8 @@ def msp_score(logits: Any) -> np.ndarray:
 
 def novelty_scores(score: Score, *, representation: Any = None, logits: Any = None,
                    reference: Any = None, mahalanobis: Mapping[str, Any] | None = None,
-                   k: int = 10, temperature: float = 0.8) -> np.ndarray:
+                   k: int = 10, temperature: float = 0.8,
+                   exclude_self: bool = False) -> np.ndarray:
     """One novelty score for every cell (higher = more novel); each cell is scored alone.
 
     Parameters
@@ -519,6 +528,8 @@ def novelty_scores(score: Score, *, representation: Any = None, logits: Any = No
         Statistics from :func:`fit_mahalanobis`.
     k, temperature
         kNN neighbour and energy temperature.
+    exclude_self
+        kNN only: see :func:`knn_score` (for calibration cells that are in the reference).
 
     Returns
     -------
@@ -533,7 +544,7 @@ def novelty_scores(score: Score, *, representation: Any = None, logits: Any = No
     if score == "knn":
         if reference is None:
             raise ValueError("score 'knn' needs reference representations (the example bank's)")
-        return knn_score(representation, reference, k=k)
+        return knn_score(representation, reference, k=k, exclude_self=exclude_self)
     if score in ("mahalanobis", "relative_mahalanobis"):
         if mahalanobis is None:
             raise ValueError(f"score {score!r} needs statistics from fit_mahalanobis()")
@@ -612,15 +623,17 @@ class NoveltyCalibration:
         return np.where(np.isin(pred, [c for c in self.thresholds if c != POOLED]), pred, POOLED)
 
     def scores(self, *, representation: Any = None, logits: Any = None,
-               reference: Any = None) -> np.ndarray:
+               reference: Any = None, exclude_self: bool = False) -> np.ndarray:
         """This rule's novelty score of cells (see :func:`novelty_scores`).
 
-        ``reference`` (the example bank's representations) is needed for ``score="knn"``.
+        ``reference`` (the example bank's representations) is needed for ``score="knn"``;
+        ``exclude_self`` when the scored cells may be in it (calibration cells).
         """
         return novelty_scores(self.score, representation=representation, logits=logits,
                               reference=reference, mahalanobis=self.params.get("mahalanobis"),
                               k=int(self.params.get("k", 10)),
-                              temperature=float(self.params.get("temperature", 0.8)))
+                              temperature=float(self.params.get("temperature", 0.8)),
+                              exclude_self=exclude_self)
 
     def p_values(self, scores: Any, predicted_class: Any) -> np.ndarray:
         """Conformal p-values ``(1 + #{calibration >= s}) / (n + 1)`` per cell.
