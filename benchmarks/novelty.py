@@ -219,7 +219,8 @@ def _rule(score: str, kw: dict, cal_set: dict, bank: dict, classes: list[str], f
 
     params = {"k": kw.get("k", 10), "temperature": 0.8}
     if "mahalanobis" in score:
-        params["mahalanobis"] = nv.fit_mahalanobis(bank["rep"], bank["label"], classes=classes)
+        params["mahalanobis"] = nv.fit_mahalanobis(bank["rep"], bank["label"], classes=classes,
+                                                   relative=score == "relative_mahalanobis")
     scorer = nv.NoveltyCalibration(score=score, fpr=fpr, min_class_cells=min_class_cells,
                                    thresholds={}, calibration={}, n_cells={}, params=params)
     # the bank may hold calibration cells (it is refilled from a stage's training *and*

@@ -405,7 +405,7 @@ def knn_score(representation: Any, reference: Any, *, k: int = 10,
 
 
 def fit_mahalanobis(representation: Any, labels: Sequence[str], *, classes: Sequence[str],
-                    shrinkage: float = 1e-3) -> dict[str, Any]:
+                    relative: bool = True, shrinkage: float = 1e-3) -> dict[str, Any]:
     """Class means and a shared (tied) covariance of reference representations.
 
     Parameters
@@ -423,9 +423,10 @@ def fit_mahalanobis(representation: Any, labels: Sequence[str], *, classes: Sequ
     Returns
     -------
     A JSON-serialisable dict: ``classes``, ``means`` (per class, ``None`` when absent),
-    ``precision`` (shared within-class precision matrix), ``mean0`` and ``precision0`` (one
-    Gaussian over all reference cells, the background of the relative Mahalanobis score of
-    Ren et al. 2021).
+    ``precision`` (shared within-class precision matrix) and, with ``relative``, ``mean0`` and
+    ``precision0`` (one Gaussian over all reference cells, the background of the relative
+    Mahalanobis score of Ren et al. 2021). About ``d * (d + n_classes)`` floats (``2 d^2`` more
+    with ``relative``).
     """
     x = _array(representation, "representation", ndim=2)
     labels = np.asarray(labels, dtype=str)
@@ -451,10 +452,12 @@ def fit_mahalanobis(representation: Any, labels: Sequence[str], *, classes: Sequ
         cov += np.eye(len(cov)) * shrinkage * max(float(np.trace(cov)) / len(cov), _EPS)
         return np.linalg.inv(cov).tolist()
 
-    mean0 = x.mean(0)
-    return {"classes": [str(c) for c in classes], "means": means,
-            "precision": precision(within), "mean0": mean0.tolist(),
-            "precision0": precision(x - mean0)}
+    out = {"classes": [str(c) for c in classes], "means": means,
+           "precision": precision(within)}
+    if relative:
+        mean0 = x.mean(0)
+        out.update(mean0=mean0.tolist(), precision0=precision(x - mean0))
+    return out
 
 
 def mahalanobis_score(representation: Any, stats: Mapping[str, Any], *,
@@ -487,6 +490,9 @@ def mahalanobis_score(representation: Any, stats: Mapping[str, Any], *,
     d = (np.einsum("ij,ij->i", xp, x)[:, None] - 2.0 * xp @ means.T
          + np.einsum("ij,jk,ik->i", means, prec, means)[None, :])
     if relative:
+        if "precision0" not in stats:
+            raise ValueError("relative Mahalanobis needs statistics from "
+                             "fit_mahalanobis(..., relative=True)")
         diff = x - np.asarray(stats["mean0"], dtype=np.float64)
         d0 = np.einsum("ij,jk,ik->i", diff, np.asarray(stats["precision0"], dtype=np.float64),
                        diff)
