@@ -331,7 +331,11 @@ def markdown(experiment: str, runs: list[dict], *, fpr: float) -> str:
     lines = [f"## {experiment} (config `{meta['config']}`)", "",
              f"seeds {[r['meta']['seed'] for r in runs]}; epochs per stage "
              f"{meta['epochs'] or 'config default'}; calibration cells: "
-             f"{[r['meta']['n_calibration'] for r in runs]}; target fpr {fpr}.", ""]
+             f"{[r['meta']['n_calibration'] for r in runs]}; target fpr {fpr}.", "",
+             "Trained by " + ", ".join(
+                 f"`python benchmarks/novelty.py dump --experiment {experiment} --seed "
+                 f"{r['meta']['seed']} --epochs {r['meta']['epochs']}` "
+                 f"({r['meta']['train_seconds'] / 60:.0f} min)" for r in runs) + ".", ""]
     for tname in tests:
         ex = first["rows"][MIXUP][tname]
         n_novel = ex.get("n_novel", 0)

@@ -16,6 +16,16 @@ set (the example bank's representations, stored with the bank) and round-trips t
 :func:`cluster_vote` optionally turns per-cell calls into per-cluster ones (CellTypist-style
 majority voting).
 
+Wiring it into a model (after each stage): take the representations / logits of the stage's
+validation cells (not trained on), score them against the refilled bank's representations
+with ``exclude_self=True`` (the bank is refilled from training *and* validation cells), fit
+:func:`fit_calibration` on them with the predicted classes, and store ``to_dict()`` in the
+checkpoint. At prediction: ``cal.scores(representation=..., logits=..., reference=bank_reps)``,
+then ``cal.p_values`` / ``cal.is_novel`` with each cell's most probable known type.
+Replayed bank cells in the validation split were trained on in earlier stages, so they score
+lower than new cells of their type; benchmarks/novelty.py measures the effect
+("last-stage val").
+
 CANAL's mixup rule (``novelty="mixup"``)
 ----------------------------------------
 
