@@ -21,8 +21,8 @@ from canal.metrics import UNASSIGNED
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["accuracy_matrix", "confusion", "gene_importance_heatmap", "novelty_hist",
-           "stream_accuracy", "umap"]
+__all__ = ["accuracy_matrix", "confusion", "gene_importance_heatmap", "novelty_calibration",
+           "novelty_hist", "stream_accuracy", "umap"]
 
 _UNASSIGNED_COLOR = "#bdbdbd"
 
@@ -305,4 +305,74 @@ def gene_importance_heatmap(table: pd.DataFrame, *, n_top: int = 5) -> Figure:
     ax.set_yticks(range(len(genes)), genes, fontsize=7)
     ax.set_xlabel("cell type")
     fig.colorbar(im, ax=ax, label="importance / type's largest", shrink=0.6)
+    return fig
+
+
+def novelty_calibration(scores, is_novel_type, calibration, *, predicted=None,
+                        alphas: Sequence[float] | None = None, bins: int = 40,
+                        title: str | None = None) -> Figure:
+    """Calibrated novelty: score histogram with the threshold, and the trade-off as alpha varies.
+
+    Parameters
+    ----------
+    scores
+        ``(n,)`` novelty scores of test cells (``calibration``'s score).
+    is_novel_type
+        ``(n,)`` bool, true for cells whose true type the model never saw.
+    calibration
+        A :class:`canal.novelty.NoveltyCalibration`.
+    predicted
+        Each cell's predicted known type (per-class thresholds); ``None`` uses the pooled one.
+    alphas
+        Target false-rejection rates of the curve (default 0.01 to 0.30).
+    bins
+        Histogram bins.
+    title
+        Figure title.
+
+    Returns
+    -------
+    A Figure: left, histograms of known and novel cells with the pooled threshold at the
+    calibrated ``fpr``; right, the share of known cells called novel (false rejection) and of
+    novel cells called novel (detection) against alpha, with the diagonal alpha = realised.
+    """
+    from canal.novelty import POOLED
+
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    nov = np.asarray(is_novel_type, dtype=bool).reshape(-1)
+    if len(s) != len(nov):
+        raise ValueError(f"{len(s)} scores for {len(nov)} is_novel_type entries")
+    pred = np.full(len(s), POOLED) if predicted is None else np.asarray(predicted, dtype=str)
+    alphas = np.asarray(alphas if alphas is not None else np.arange(0.01, 0.305, 0.01))
+    fig = Figure(figsize=(10.5, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
+    ok = np.isfinite(s)
+    edges = np.histogram_bin_edges(s[ok], bins=bins)
+    ax1.hist(s[ok & ~nov], bins=edges, alpha=0.6, color="tab:blue",
+             label=f"known types (n={int((ok & ~nov).sum())})")
+    if nov.any():
+        ax1.hist(s[ok & nov], bins=edges, alpha=0.6, color="tab:red",
+                 label=f"novel types (n={int((ok & nov).sum())})")
+    thr = calibration.thresholds.get(POOLED, np.inf)
+    if np.isfinite(thr):
+        ax1.axvline(thr, color="black", linestyle="--",
+                    label=f"pooled threshold at fpr {calibration.fpr:g}")
+    ax1.set_xlabel(f"novelty score ({calibration.score})")
+    ax1.set_ylabel("cells")
+    ax1.legend(fontsize=7, frameon=False)
+    p = calibration.p_values(s, pred)
+    fr = [float(np.mean(p[~nov] <= a)) if (~nov).any() else np.nan for a in alphas]
+    ax2.plot(alphas, fr, color="tab:blue", marker=".", label="known called novel")
+    if nov.any():
+        det = [float(np.mean(p[nov] <= a)) for a in alphas]
+        ax2.plot(alphas, det, color="tab:red", marker=".", label="novel called novel")
+    ax2.plot(alphas, alphas, color="grey", linestyle=":", label="target (alpha)")
+    ax2.axvline(calibration.fpr, color="black", linestyle="--", linewidth=0.8)
+    ax2.set_xlabel("alpha (target false-rejection rate)")
+    ax2.set_ylabel("share of cells called novel")
+    ax2.set_ylim(0, 1.02)
+    ax2.legend(fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return fig
