@@ -130,7 +130,7 @@ def test_cli_predict_then_evaluate(data_root, tmp_path, capsys):
     direct = metrics.novel_scores(test.obs["cell_type"], expected["canal"],
                                   novel_types=NOVEL)
     assert report["metrics"]["h_score"] == pytest.approx(direct["h_score"])
-    assert report["params"]["novelty"] == "energy"
+    assert report["params"]["novelty"] == "calibrated"
     assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "novelty.png"}
     # the input file is never overwritten
     assert main(["predict", "--model", str(tmp_path / "ckpt"), "--data", str(data), "--out",

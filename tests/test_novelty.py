@@ -201,7 +201,7 @@ def outs(split, baron):
     idx = np.random.default_rng(0).permutation(np.flatnonzero(unused))
     half = len(idx) // 2
     sets = {"cal": baron[np.sort(idx[:half])], "held": baron[np.sort(idx[half:])],
-            "test": split.test, "bank": model.bank}
+            "test": split.test, "bank": model.bank.to_anndata(model.genes)}
     out = {}
     for name, adata in sets.items():
         rep, logits = model.outputs(model.prepare(adata))

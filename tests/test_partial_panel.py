@@ -103,6 +103,31 @@ def test_predict_records_measured_share(trained, seger):
     params = ad.uns["canal"]["params"]
     assert params["n_genes_found"] == 120 and params["n_genes"] == 200
     assert params["fraction_genes_measured"] == pytest.approx(0.6)
+    # Segerstolpe/Lawlor ships 1,213 genes, which hold about half of a Baron cell's counts:
+    # its expression is scaled to a whole transcriptome (counts / total over 1,213 genes
+    # would read every gene about twice as high as in the training cells)
+    assert 0.35 < params["transcriptome_share"] < 0.65
+
+
+def test_partial_transcriptome_is_scaled_full_one_is_not(trained, baron, seger, tmp_path):
+    from canal.data import CellData
+
+    assert trained.gene_shares is not None and trained.gene_shares.sum() == pytest.approx(1)
+    # a full Baron donor: normalized exactly as scanpy's recipe (share 1, nothing scaled)
+    donor = baron[(baron.obs["batch"] == "human4").to_numpy()][:50]
+    np.testing.assert_allclose(trained.prepare(donor).X.toarray(),
+                               CellData.from_adata(donor, trained.genes).X.toarray())
+    # the same Baron cells cut to Segerstolpe's 1,213 genes read like the full cells
+    cut = donor[:, [g for g in donor.var_names if g in set(seger.var_names)]].copy()
+    full = trained.prepare(donor).X.toarray()[:, :120]
+    scaled = trained.prepare(cut).X.toarray()[:, :120]
+    naive = CellData.from_adata(cut, trained.genes).X.toarray()[:, :120]
+    assert np.abs(scaled - full).mean() < 0.5 * np.abs(naive - full).mean()
+    # stored with the model
+    trained.save(tmp_path / "m")
+    back = Annotator.from_pretrained(tmp_path / "m").gene_shares
+    np.testing.assert_allclose(back.to_numpy(), trained.gene_shares[back.index].to_numpy(),
+                               rtol=1e-5)
 
 
 def test_stage_lacking_panel_genes_and_bank_mask_survive_save_load(trained, seger, baron,

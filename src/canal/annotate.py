@@ -5,20 +5,24 @@ panel (:func:`canal.pp.iter_panel_blocks`, which also streams backed AnnData), b
 at a time and run through the network under :func:`torch.inference_mode`, so only a batch of
 dense tokens is ever held; what is kept per cell is its representation and its logits.
 
-Novel cells (``Unassigned``) are called with CANAL's novelty score (:mod:`canal.novelty`):
+Novel cells (``Unassigned``) are called by one of three rules (:mod:`canal.novelty`):
 
-* ``"energy"`` — transductive, as in the CANAL paper: the energy is min-max normalised over the
-  cells being annotated and the threshold comes from mixup of their representations (seeded).
-* ``"calibrated"`` — non-transductive: energy bounds and threshold were computed once on
-  reference cells (training cells or the example bank, see :func:`calibration`) and are stored
-  with the model, so each cell is scored on its own.
+* ``"calibrated"`` (default) — split-conformal: each cell's novelty score is compared with the
+  scores of held-out known cells from training (stored with the model), per predicted type; a
+  cell is novel when its conformal p-value is at most ``fpr`` (about ``fpr`` of known cells are
+  rejected). A cell's call depends on that cell alone.
+* ``"mixup"`` — CANAL's transductive rule, as in the paper: the energy is min-max normalised
+  over the cells being annotated and the threshold comes from mixup of their representations
+  (seeded); ``"energy"`` is its former name.
 * ``"none"`` — every cell gets its most probable known type.
+
+Optionally (``groups``), calls are made per cluster: a cluster is novel when most of its cells
+are, and known cells take their cluster's majority type (CellTypist's majority voting).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,7 +32,7 @@ import torch
 
 from canal import novelty as nov
 from canal import pp
-from canal.data import Batch, CellData
+from canal.data import Batch
 from canal.metrics import UNASSIGNED
 from canal.runtime import (
     BATCH_SIZE,
@@ -40,22 +44,25 @@ from canal.runtime import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Sequence
+
     import scipy.sparse as sp
 
     from canal.nn import CanalNet, CellOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Annotation", "annotate", "calibration", "results_frame", "write_results"]
+__all__ = ["Annotation", "annotate", "output_keys", "results_frame", "write_results"]
 
-Novelty = Literal["energy", "calibrated", "none"]
+Novelty = Literal["calibrated", "mixup", "none"]
+#: Former name of ``"mixup"`` (still accepted).
+_ALIASES = {"energy": "mixup"}
 
 TEMPERATURE = nov.TEMPERATURE
 #: Below this many cells, transductive (``"energy"``) normalisation is flagged as unreliable.
 _FEW_CELLS = 50
 #: Cells read from the file per chunk (rounded to a multiple of the batch size).
 _CHUNK_CELLS = 4096
-_CALIBRATION_KEYS = ("energy_min", "energy_max", "threshold", "temperature")
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,66 +91,6 @@ def _classifier(net: CanalNet):
 
 
 # --------------------------------------------------------------------------------------------
-# calibration (non-transductive novelty)
-# --------------------------------------------------------------------------------------------
-
-
-def calibration(net: CanalNet, data: CellData, *, batch_size: int = BATCH_SIZE,
-                temperature: float = TEMPERATURE, seed: int = 0,
-                precision: Precision = "fp32",
-                device: str | torch.device | None = None) -> dict[str, Any]:
-    """Calibrate the novelty score on reference cells, for ``novelty="calibrated"``.
-
-    Call it after a training stage on the stage's training cells or the example bank, and store
-    the result in the model's ``meta["novelty"]`` (:meth:`canal.Annotator.calibrate_novelty`
-    does both).
-
-    Parameters
-    ----------
-    net
-        The trained network (its train/eval mode is restored afterwards).
-    data
-        Reference cells on the model's panel (at least 2).
-    batch_size
-        Cells per forward pass.
-    temperature
-        Energy temperature.
-    seed
-        Seed of the mixup generator; the result is deterministic.
-    precision, device
-        As in :func:`forward`.
-
-    Returns
-    -------
-    dict
-        The keys of :func:`canal.novelty.calibrate` (``energy_min``, ``energy_max``,
-        ``threshold``, ``temperature``, ``n_cells``) plus ``seed``; JSON-serialisable.
-    """
-    batch_size = check_batch_size(batch_size)
-    if data.n_cells < 2:
-        raise ValueError(f"calibration needs at least 2 reference cells, got {data.n_cells}; "
-                         "pass the training cells or the example bank")
-    if net.head.n_classes == 0:
-        raise ValueError("the network has no cell types yet; calibrate after a training stage")
-    out = forward_cells(net, (b for _, b in data.batches(batch_size)), n_cells=data.n_cells,
-                        precision=precision, device=device)
-    gen = torch.Generator().manual_seed(int(seed))
-    with eval_mode(net):
-        cal = nov.calibrate(out.representation, out.logits, _classifier(net),
-                            temperature=temperature, generator=gen)
-    cal["seed"] = int(seed)
-    logger.info("novelty calibrated on %d cells: threshold %.4f", data.n_cells, cal["threshold"])
-    return cal
-
-
-def _check_calibration(cal: Any) -> dict[str, float]:
-    if not isinstance(cal, Mapping) or any(k not in cal for k in _CALIBRATION_KEYS):
-        raise ValueError("the model has no usable novelty calibration (meta['novelty']); run "
-                         "model.calibrate_novelty(reference_adata) or use novelty='energy'")
-    return {k: float(cal[k]) for k in _CALIBRATION_KEYS}
-
-
-# --------------------------------------------------------------------------------------------
 # annotation
 # --------------------------------------------------------------------------------------------
 
@@ -166,6 +113,10 @@ class Annotation:
         Largest probability per cell (float32).
     novelty
         Novelty score per cell (float32; NaN with ``novelty="none"``).
+    p_values
+        Conformal p-value per cell (float32; NaN unless ``novelty="calibrated"``).
+    closed
+        Index of each cell's most probable known type, ``Unassigned`` cells included.
     params
         Settings and threshold used; only str/int/float values (h5ad-serialisable).
     """
@@ -176,6 +127,8 @@ class Annotation:
     probabilities: np.ndarray
     confidence: np.ndarray
     novelty: np.ndarray
+    p_values: np.ndarray | None = None
+    closed: np.ndarray | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -188,24 +141,23 @@ class Annotation:
         codes = np.where(self.codes < 0, len(self.cell_types), self.codes)
         return pd.Categorical.from_codes(codes, categories=[*self.cell_types, UNASSIGNED])
 
+    @property
+    def closed_labels(self) -> pd.Categorical:
+        """Each cell's most probable known type (``Unassigned`` cells included)."""
+        codes = self.codes if self.closed is None else self.closed
+        return pd.Categorical.from_codes(np.maximum(codes, 0), categories=self.cell_types)
 
-def _novelty(outputs: CellOutput, classify, *, mode: str, cal: Mapping | None,
-             temperature: float, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Novelty scores and the threshold, with the params describing them."""
+
+def _mixup(outputs: CellOutput, classify, *, temperature: float, seed: int
+           ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """CANAL's transductive rule: scores normalised over these cells, mixup threshold."""
     logits = outputs.logits
     n = logits.shape[0]
-    if mode == "none":
-        return torch.full((n,), float("nan")), {"novelty": "none", "threshold": float("nan"),
-                                               "temperature": float("nan")}
-    if mode == "calibrated":
-        c = _check_calibration(cal)
-        scores = nov.novelty_score(logits, temperature=c["temperature"],
-                                   ref_min=c["energy_min"], ref_max=c["energy_max"])
-        return scores, {"novelty": "calibrated", "threshold": c["threshold"],
-                        "temperature": c["temperature"], "energy_min": c["energy_min"],
-                        "energy_max": c["energy_max"]}
+    if n < 2:
+        raise ValueError("novelty='mixup' normalises scores over the annotated cells and cannot "
+                         "score a single cell; use novelty='calibrated' (per cell) or 'none'")
     if n < _FEW_CELLS:
-        logger.warning("novelty='energy' normalises scores over the %d cells given; with so few "
+        logger.warning("novelty='mixup' normalises scores over the %d cells given; with so few "
                        "cells they are unreliable, consider novelty='calibrated'", n)
     energy = nov.energy_score(logits, temperature=temperature)
     lo, hi = float(energy.min()), float(energy.max())
@@ -213,9 +165,33 @@ def _novelty(outputs: CellOutput, classify, *, mode: str, cal: Mapping | None,
     gen = torch.Generator().manual_seed(int(seed))
     threshold = nov.mixup_threshold(outputs.representation, classify, temperature=temperature,
                                     generator=gen, ref_min=lo, ref_max=hi)
-    return scores, {"novelty": "energy", "threshold": float(threshold),
-                    "temperature": float(temperature), "energy_min": lo, "energy_max": hi,
-                    "seed": int(seed)}
+    return (scores.numpy(), nov.is_novel(scores, threshold).numpy(),
+            {"novelty": "mixup", "threshold": float(threshold), "temperature": float(temperature),
+             "energy_min": lo, "energy_max": hi, "seed": int(seed)})
+
+
+def _calibrated(outputs: CellOutput, closed: np.ndarray, cell_types: Sequence[str], *,
+                calibration: nov.NoveltyCalibration, reference: np.ndarray | None,
+                fpr: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The split-conformal rule: per-cell scores, p-values and calls at ``fpr``."""
+    if calibration.score == "knn" and reference is None:
+        raise ValueError("the kNN novelty score needs the example bank's representations; the "
+                         "model has no bank: recalibrate with model.calibrate_novelty(adata) or "
+                         "use novelty='mixup'")
+    predicted = np.asarray(cell_types, dtype=object)[closed]
+    scores = calibration.scores(representation=outputs.representation, logits=outputs.logits,
+                                reference=reference)
+    p = calibration.p_values(scores, predicted)
+    level = calibration.fpr if fpr is None else float(fpr)
+    if not 0 < level < 1:
+        raise ValueError(f"novelty_fpr must be in (0, 1), got {fpr!r}")
+    novel = calibration.is_novel(scores, predicted, fpr=level)
+    pooled = calibration.thresholds.get(nov.POOLED, float("nan"))
+    # the pooled threshold (for plots; types with enough calibration cells have their own)
+    return scores, p, novel, {"novelty": "calibrated", "score": calibration.score,
+                              "fpr": level, "calibrated_fpr": calibration.fpr,
+                              "threshold": float(pooled) if np.isfinite(pooled) else
+                              float("nan")}
 
 
 def annotate(
@@ -224,9 +200,13 @@ def annotate(
     genes: Sequence[str],
     cell_types: Sequence[str],
     *,
-    novelty: Novelty = "energy",
-    calibration: Mapping[str, Any] | None = None,
+    novelty: Novelty = "calibrated",
+    calibration: nov.NoveltyCalibration | None = None,
+    reference: np.ndarray | None = None,
+    fpr: float | None = None,
+    groups: Sequence[str] | None = None,
     match: pp.GeneMatch | None = None,
+    shares: pd.Series | None = None,
     batch_size: int = BATCH_SIZE,
     precision: Precision = "fp32",
     temperature: float = TEMPERATURE,
@@ -246,11 +226,18 @@ def annotate(
     cell_types
         The model's cell-type library, in classifier order.
     novelty
-        ``"energy"`` (transductive), ``"calibrated"`` (uses ``calibration``) or ``"none"``.
-        ``"energy"`` on a single cell falls back to ``"calibrated"`` when ``calibration`` is
-        given and raises a ValueError otherwise.
+        ``"calibrated"`` (uses ``calibration``), ``"mixup"`` (CANAL's transductive rule;
+        ``"energy"`` is its former name) or ``"none"``.
     calibration
-        The dict of :func:`calibration` (the model's ``meta["novelty"]``).
+        The model's :class:`canal.novelty.NoveltyCalibration`.
+    reference
+        The example bank's representations (the kNN score's reference cells).
+    fpr
+        Share of known cells to reject (default: the calibrated one); another level re-reads
+        the stored p-values, nothing is recomputed.
+    groups
+        One cluster label per cell: decide per cluster (a cluster is novel when most of its
+        cells are; known cells take their cluster's majority type).
     batch_size
         Cells per forward pass; results do not depend on it.
     precision
@@ -258,10 +245,13 @@ def annotate(
     match
         How expression is read and genes matched (:class:`canal.pp.GeneMatch`). Panel genes
         the data lack are not measured: they take no part in the computation.
+    shares
+        The reference's gene shares (:func:`canal.pp.dataset_gene_shares`): a file holding
+        only part of the transcriptome is scaled by the share its genes held there.
     temperature
-        Energy temperature of the ``"energy"`` mode (the calibrated mode uses the calibrated one).
+        Energy temperature of the ``"mixup"`` rule.
     seed
-        Seed of the mixup generator of the ``"energy"`` mode.
+        Seed of the mixup generator.
     device
         Torch device; ``None`` uses ``canal.settings.device``.
 
@@ -269,8 +259,16 @@ def annotate(
     -------
     :class:`Annotation`; write it into an AnnData with :func:`write_results`.
     """
-    if novelty not in ("energy", "calibrated", "none"):
-        raise ValueError(f"novelty must be 'energy', 'calibrated' or 'none', got {novelty!r}")
+    requested = novelty
+    novelty = _ALIASES.get(novelty, novelty)
+    if novelty not in ("calibrated", "mixup", "none"):
+        raise ValueError(f"novelty must be 'calibrated', 'mixup' or 'none', got {requested!r}")
+    if novelty == "calibrated" and calibration is None:
+        raise ValueError("the model has no novelty calibration (fit_stage makes one; or call "
+                         "model.calibrate_novelty(adata) on held-out known cells); or pass "
+                         "novelty='mixup' or 'none'")
+    if groups is not None and len(groups) != adata.n_obs:
+        raise ValueError(f"groupby gives {len(groups)} labels for {adata.n_obs} cells")
     batch_size = check_batch_size(batch_size)
     check_precision(precision)
     match = match or pp.GeneMatch()
@@ -284,48 +282,53 @@ def annotate(
     if UNASSIGNED in cell_types:
         raise ValueError(f"{UNASSIGNED!r} is reserved for novel cells; rename that cell type "
                          "in the training labels")
-    requested = novelty
-    if novelty == "energy" and adata.n_obs < 2:
-        if calibration is None:
-            raise ValueError("novelty='energy' normalises scores over the annotated cells and "
-                             "cannot score a single cell; pass novelty='calibrated' with a "
-                             "calibrated model (model.calibrate_novelty(reference_adata)) or "
-                             "novelty='none'")
-        logger.warning("one cell: novelty='energy' falls back to the model's calibration")
-        novelty = "calibrated"
-    if novelty == "calibrated":
-        _check_calibration(calibration)
-
     alignment = match.align(adata, genes)
+    share = pp.reference_share(alignment, shares)
     chunk = batch_size * max(1, _CHUNK_CELLS // batch_size)
     blocks = pp.iter_panel_blocks(adata, genes, match=match, chunk_size=chunk,
-                                  alignment=alignment)
+                                  alignment=alignment, share=share)
     outputs = forward_cells(net, panel_batches(blocks, batch_size, measured=alignment.measured),
                             n_cells=adata.n_obs, precision=precision, device=device,
                             progress="canal predict")
 
-    with eval_mode(net):
-        scores, params = _novelty(outputs, _classifier(net), mode=novelty, cal=calibration,
-                                  temperature=temperature, seed=seed)
     probs = torch.softmax(outputs.logits, dim=1)
-    confidence, codes = probs.max(dim=1)
-    codes = codes.numpy().astype(np.int64)
+    confidence, closed = probs.max(dim=1)
+    closed = closed.numpy().astype(np.int64)
+    n = len(closed)
+    p_values = np.full(n, np.nan)
+    if novelty == "none":
+        scores, novel = np.full(n, np.nan), np.zeros(n, dtype=bool)
+        params: dict[str, Any] = {"novelty": "none"}
+    elif novelty == "mixup":
+        with eval_mode(net):
+            scores, novel, params = _mixup(outputs, _classifier(net), temperature=temperature,
+                                           seed=seed)
+    else:
+        scores, p_values, novel, params = _calibrated(outputs, closed, cell_types,
+                                                      calibration=calibration,
+                                                      reference=reference, fpr=fpr)
+    codes = closed.copy()
+    if groups is not None:
+        voted, novel = nov.cluster_vote(np.asarray(cell_types)[closed], novel, groups,
+                                        unassigned=UNASSIGNED)
+        lookup = {t: i for i, t in enumerate(cell_types)}
+        codes = np.asarray([lookup.get(v, -1) for v in voted], dtype=np.int64)
+        params["groupby"] = "clusters"
+    codes[novel] = -1
     if novelty != "none":
-        novel = nov.is_novel(scores, params["threshold"]).numpy()
-        codes[novel] = -1
-        logger.info("%d of %d cells Unassigned (threshold %.4f)", int(novel.sum()),
-                    len(codes), params["threshold"])
+        logger.info("%d of %d cells Unassigned (%s)", int(novel.sum()), n, params["novelty"])
     params.update(novelty_requested=requested, n_genes_found=int(alignment.n_found),
                   n_genes=int(alignment.n_panel), fraction_genes_measured=alignment.fraction,
+                  transcriptome_share=share,
                   batch_size=batch_size, precision=precision, n_cells=int(len(codes)),
                   **{f"match_{k}": ("" if v is None else v)
                      for k, v in match.to_dict().items()})
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     return Annotation(cell_types=cell_types, codes=codes,
-                      representation=outputs.representation.numpy().astype(np.float32,
-                                                                           copy=False),
-                      probabilities=probs.numpy().astype(np.float32, copy=False),
-                      confidence=confidence.numpy().astype(np.float32, copy=False),
-                      novelty=scores.numpy().astype(np.float32, copy=False), params=params)
+                      representation=f32(outputs.representation.numpy()),
+                      probabilities=f32(probs.numpy()), confidence=f32(confidence.numpy()),
+                      novelty=f32(scores), p_values=f32(p_values), closed=closed,
+                      params=params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,30 +339,57 @@ def annotate(
 def output_keys(key_added: str = "canal") -> dict[str, str]:
     """The obs/obsm keys that :func:`write_results` fills for ``key_added``."""
     return {"label": key_added, "confidence": f"{key_added}_confidence",
-            "novelty": f"{key_added}_novelty", "rep": f"X_{key_added}",
-            "probabilities": f"{key_added}_probabilities"}
+            "novelty": f"{key_added}_novelty", "p_value": f"{key_added}_novelty_p",
+            "closed": f"{key_added}_closed", "rep": f"X_{key_added}",
+            "probabilities": f"{key_added}_probabilities", "colors": f"{key_added}_colors"}
 
 
 def results_frame(result: Annotation, obs_names: Sequence[str], *,
                   key_added: str = "canal") -> pd.DataFrame:
-    """The calls, confidence, novelty score and one probability column per type.
+    """The calls, confidence, novelty score and p-value, best known type, one probability
+    column per type.
 
     Returns
     -------
     pandas.DataFrame
         Indexed by ``obs_names``; columns ``key_added``, ``f"{key_added}_confidence"``,
-        ``f"{key_added}_novelty"``, then one column per known cell type.
+        ``f"{key_added}_novelty"``, ``f"{key_added}_novelty_p"``, ``f"{key_added}_closed"``,
+        then one column per known cell type.
     """
     keys = output_keys(key_added)
-    clash = {keys["label"], keys["confidence"], keys["novelty"]} & set(result.cell_types)
+    cols = [keys[k] for k in ("label", "confidence", "novelty", "p_value", "closed")]
+    clash = set(cols) & set(result.cell_types)
     if clash:
         raise ValueError(f"cell type(s) {sorted(clash)} clash with the result columns; pass "
                          "another key_added")
     index = pd.Index(obs_names)
-    frame = pd.DataFrame({keys["label"]: result.labels, keys["confidence"]: result.confidence,
-                          keys["novelty"]: result.novelty}, index=index)
+    frame = pd.DataFrame(dict(zip(cols, _obs_columns(result), strict=True)), index=index)
     probs = pd.DataFrame(result.probabilities, index=index, columns=result.cell_types)
     return pd.concat([frame, probs], axis=1)
+
+
+def _obs_columns(result: Annotation) -> list:
+    p = result.p_values if result.p_values is not None else np.full(result.n_cells, np.nan,
+                                                                      dtype=np.float32)
+    return [result.labels.remove_unused_categories(), result.confidence, result.novelty, p,
+            result.closed_labels]
+
+
+def _colors(categories: Sequence[str]) -> list[str]:
+    """scanpy's default palette for the types, grey for ``Unassigned``."""
+    from matplotlib import colors as mcolors
+    from matplotlib import pyplot as plt
+
+    palette = plt.get_cmap("tab20").colors if len(categories) > 10 else \
+        plt.get_cmap("tab10").colors
+    out, i = [], 0
+    for c in categories:
+        if c == UNASSIGNED:
+            out.append("#bdbdbd")
+        else:
+            out.append(mcolors.to_hex(palette[i % len(palette)]))
+            i += 1
+    return out
 
 
 def write_results(adata, result: Annotation, *, key_added: str = "canal") -> None:
@@ -367,19 +397,25 @@ def write_results(adata, result: Annotation, *, key_added: str = "canal") -> Non
 
     Returns
     -------
-    Nothing. Sets ``adata.obs[key_added]`` (categorical, ``Unassigned`` for novel cells),
-    ``adata.obs[f"{key_added}_confidence"]`` and ``adata.obs[f"{key_added}_novelty"]``
-    (float32), ``adata.obsm[f"X_{key_added}"]`` (float32 representation),
-    ``adata.obsm[f"{key_added}_probabilities"]`` (DataFrame, one column per known type) and
+    Nothing. Sets ``adata.obs[key_added]`` (categorical of the types called, ``Unassigned``
+    for novel cells), ``adata.obs[f"{key_added}_confidence"]``,
+    ``adata.obs[f"{key_added}_novelty"]`` (float32 score, higher = more novel) and
+    ``adata.obs[f"{key_added}_novelty_p"]`` (float32 conformal p-value: re-threshold with
+    ``p <= alpha``), ``adata.obs[f"{key_added}_closed"]`` (categorical: most probable known
+    type, ``Unassigned`` cells included), ``adata.obsm[f"X_{key_added}"]`` (float32
+    representation), ``adata.obsm[f"{key_added}_probabilities"]`` (DataFrame, one column per
+    known type), ``adata.uns[f"{key_added}_colors"]`` (``Unassigned`` grey) and
     ``adata.uns[key_added]["params"]``.
     """
     if adata.n_obs != result.n_cells:
         raise ValueError(f"the result has {result.n_cells} cells, adata {adata.n_obs}; write it "
                          "into the AnnData that was annotated")
     keys = output_keys(key_added)
-    adata.obs[keys["label"]] = result.labels
-    adata.obs[keys["confidence"]] = result.confidence
-    adata.obs[keys["novelty"]] = result.novelty
+    columns = _obs_columns(result)
+    for k, col in zip(("label", "confidence", "novelty", "p_value", "closed"), columns,
+                      strict=True):
+        adata.obs[keys[k]] = col
+    adata.uns[keys["colors"]] = _colors(list(columns[0].categories))
     adata.obsm[keys["rep"]] = result.representation
     adata.obsm[keys["probabilities"]] = pd.DataFrame(result.probabilities,
                                                      index=adata.obs_names.copy(),

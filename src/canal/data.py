@@ -121,12 +121,16 @@ class CellData:
 
     @classmethod
     def from_adata(cls, adata, genes: Sequence[str], *, labels=None,
-                   match: pp.GeneMatch | None = None) -> CellData:
+                   match: pp.GeneMatch | None = None,
+                   shares: pd.Series | None = None) -> CellData:
         """Read ``adata`` on ``genes`` (see :func:`canal.pp.prepare`), recording which panel
-        genes it measures."""
+        genes it measures; ``shares`` (:func:`canal.pp.dataset_gene_shares` of the reference)
+        rescales
+        a file that holds only part of the transcriptome."""
         match = match or pp.GeneMatch()
         alignment = match.align(adata, genes)
-        X = pp.prepare(adata, genes, match=match, alignment=alignment)
+        X = pp.prepare(adata, genes, match=match, alignment=alignment,
+                       share=pp.reference_share(alignment, shares))
         return cls(X, labels, measured=alignment.measured[None])
 
     @property

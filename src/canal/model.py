@@ -24,7 +24,7 @@ from canal.data import CellData, concat, encode_labels, read_labels
 from canal.metrics import UNASSIGNED
 from canal.nn import CanalNet, ModelConfig
 from canal.pp import GeneMatch
-from canal.runtime import BATCH_SIZE, eval_mode, forward_cells
+from canal.runtime import BATCH_SIZE, forward_cells
 from canal.train import StageConfig, run_stage
 
 if TYPE_CHECKING:
@@ -77,6 +77,15 @@ class Annotator:
         self.match = match or GeneMatch()
         #: the checkpoint this model was loaded from, when its example bank file was missing
         self._bank_missing_from: Path | None = None
+        #: where the model was loaded from (recorded with every prediction)
+        self.source: dict[str, str] = {}
+        #: each gene's mean share of a cell's counts in the first stage's data (upper-case
+        #: symbols): a query holding only part of the transcriptome is scaled by the share
+        #: its genes held there (see :func:`canal.pp.reference_share`)
+        self.gene_shares: pd.Series | None = None
+        shares = self.meta.pop("gene_shares", None)
+        if shares:
+            self.gene_shares = pd.Series(shares["share"], index=shares["genes"], dtype=float)
 
     # ---------------------------------------------------------------------------------------
     # construction, saving, loading
@@ -164,6 +173,7 @@ class Annotator:
                     bank=ckpt.bank, history=ckpt.history,
                     match=GeneMatch.from_dict(meta.get("gene_match")))
         model._bank_missing_from = Path(path) if ckpt.bank_missing else None
+        model.source = {"checkpoint": str(path), "checkpoint_id": ckpt.checkpoint_id or ""}
         return model
 
     def save(self, path: str | Path, *, optimizer: dict | None = None) -> Path:
@@ -177,6 +187,10 @@ class Annotator:
         meta.update(model_config=self.net.config.to_dict(), genes=self.genes,
                     cell_types=self.cell_types, stage=self.stage,
                     gene_match=self.match.to_dict())
+        if self.gene_shares is not None:
+            kept = self.gene_shares[self.gene_shares > 0]
+            meta["gene_shares"] = {"genes": kept.index.tolist(),
+                                   "share": [float(f"{v:.6g}") for v in kept.to_numpy()]}
         bank = None if self.bank is None else self.bank.to_anndata(self.genes)
         ckpt = io.Checkpoint(state_dict=self.net.state_dict(), meta=meta, bank=bank,
                              history=self.history, optimizer=optimizer)
@@ -204,7 +218,8 @@ class Annotator:
         defaults to the model's stored :attr:`match`.
         """
         return CellData.from_adata(adata, self.genes, labels=labels,
-                                   match=GeneMatch.resolve(match, self.match))
+                                   match=GeneMatch.resolve(match, self.match),
+                                   shares=self.gene_shares)
 
     def outputs(self, data: CellData, *, batch_size: int = BATCH_SIZE,
                 device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,9 +354,10 @@ class Annotator:
         New cell types grow the classifier (known rows keep their weights); types absent from
         this stage stay in the library. Depending on ``config.strategy``, cells from the example
         bank are replayed and the representation is distilled from the previous stage's model.
-        Afterwards the bank is refilled, the novelty threshold is calibrated on the training
-        cells (``meta["novelty"]``), the stage counter advances and the history grows. A stage
-        is a transaction: if it fails, the model is left exactly as it was.
+        Afterwards the bank is refilled, the calibrated novelty rule is fitted on the stage's
+        validation cells (known cells not trained on; :attr:`novelty_calibration`), the stage
+        counter advances and the history grows. A stage is a transaction: if it fails, the
+        model is left exactly as it was.
 
         Parameters
         ----------
@@ -384,12 +400,16 @@ class Annotator:
             logger.warning("cell type(s) %s have a single cell; they cannot be validated",
                            counts.index[counts < 2].tolist())
         # read before any change: bad input leaves the model as it was
-        new = concat([self.prepare(a, match=match) for a in parts])
+        shares = self.gene_shares if self.gene_shares is not None else \
+            self._reference_shares(parts, match)
+        new = concat([CellData.from_adata(a, self.genes, match=match, shares=shares)
+                      for a in parts])
         names = np.concatenate([np.asarray(a.obs_names, dtype=str) for a in parts])
         before = (copy.deepcopy(self.net), list(self.cell_types), self.bank,
                   self.meta.get("novelty"))
         try:
             self._fit_stage(new, labels, names, labels_key, config, device)
+            self.gene_shares = shares
         except BaseException:
             self.net, self.cell_types, self.bank, cal = before
             self.meta.pop("novelty", None)
@@ -399,6 +419,14 @@ class Annotator:
         self.match = match
         self._bank_missing_from = None
         return self
+
+    def _reference_shares(self, parts: list, match: GeneMatch) -> pd.Series:
+        """Gene shares of the first stage's files (a gene averaged over the files that have
+        it)."""
+        stats = [pp.dataset_gene_shares(a, self.genes, match=match) for a in parts]
+        weighted = pd.concat([s * n for s, n in stats], axis=1)
+        cells = pd.concat([pd.Series(n, index=s.index) for s, n in stats], axis=1)
+        return weighted.sum(axis=1) / cells.sum(axis=1)
 
     def _fit_stage(self, new: CellData, labels: pd.Series, names: np.ndarray, labels_key: str,
                    config: StageConfig, device) -> None:
@@ -432,58 +460,95 @@ class Annotator:
                         classifier_weight=self.net.head.classifier.weight.detach().float().cpu(),
                         stage=stages, cell_names=cells)
             self.bank = bank
-        self.meta["novelty"] = self._calibrate(result.representations, result.logits,
-                                               seed=config.seed) | {"stage": stage}
+        cal = self._fit_novelty(result.representations[result.val_index],
+                                result.logits[result.val_index], score=config.novelty_score,
+                                fpr=config.novelty_fpr)
+        self.meta["novelty"] = cal.to_dict() | {"stage": stage}
         self.stage = stage
         self.history.append({"stage": stage, "config": config.to_dict(), "n_cells": new.n_cells,
                              "n_replayed": data.n_cells - new.n_cells, "new_types": new_types,
                              "cell_types": list(self.cell_types), **result.history})
 
-    def _calibrate(self, representations: torch.Tensor, logits: torch.Tensor, *, seed: int
-                   ) -> dict[str, Any]:
-        head = self.net.head
-        dev = next(head.parameters()).device
-        with torch.no_grad(), eval_mode(head):
-            cal = novelty.calibrate(representations, logits,
-                                    lambda h: head.classify(h.to(dev)).float().cpu(),
-                                    generator=torch.Generator().manual_seed(seed))
-        return cal | {"seed": seed}
+    def _fit_novelty(self, representations: torch.Tensor, logits: torch.Tensor, *,
+                     score: str, fpr: float) -> novelty.NoveltyCalibration:
+        """The split-conformal rule from known cells the model did not train on."""
+        if len(representations) == 0:
+            raise ValueError("no held-out cells to calibrate novelty on; keep val_fraction > 0 "
+                             "or call model.calibrate_novelty(adata) with held-out known cells")
+        predicted = np.asarray(self.cell_types)[logits.argmax(1).numpy()]
+        params: dict[str, Any] = {}
+        reference = self._reference()
+        if reference is None and score in ("knn", "mahalanobis", "relative_mahalanobis"):
+            # strategies without replay keep no bank to measure distances against
+            logger.info("no example bank: novelty score %r falls back to 'energy'", score)
+            score = "energy"
+        if score in ("mahalanobis", "relative_mahalanobis"):
+            params["mahalanobis"] = novelty.fit_mahalanobis(
+                self.bank.representation, self.bank.labels, classes=self.cell_types,
+                relative=score == "relative_mahalanobis")
+        if score == "knn":
+            params["k"] = min(10, len(reference) - 1)
+        scores = novelty.novelty_scores(score, representation=representations, logits=logits,
+                                        reference=reference, mahalanobis=params.get("mahalanobis"),
+                                        k=params.get("k", 10), exclude_self=True)
+        cal = novelty.fit_calibration(scores, predicted, score=score, fpr=fpr, params=params)
+        logger.info("novelty calibrated on %d held-out cells (%s, fpr %.3g)", len(scores), score,
+                    fpr)
+        return cal
+
+    def _reference(self) -> np.ndarray | None:
+        """The kNN novelty score's reference: the example bank's representations."""
+        if self.bank is None or self.bank.representation is None or len(self.bank) < 2:
+            return None
+        return self.bank.representation
+
+    @property
+    def novelty_calibration(self) -> novelty.NoveltyCalibration | None:
+        """The stored calibrated novelty rule (``None`` before a stage)."""
+        cal = self.meta.get("novelty")
+        if not cal or cal.get("rule") != "conformal":
+            return None
+        return novelty.NoveltyCalibration.from_dict(cal)
 
     # ---------------------------------------------------------------------------------------
     # prediction and novelty calibration (see canal.annotate)
     # ---------------------------------------------------------------------------------------
 
-    def calibrate_novelty(self, data, *, batch_size: int = BATCH_SIZE, seed: int = 0,
-                          temperature: float = annotate.TEMPERATURE,
-                          match: GeneMatch | dict | None = None) -> dict[str, Any]:
-        """Calibrate the non-transductive novelty score on reference cells.
+    def calibrate_novelty(self, adata, *, fpr: float = 0.05, score: str | None = None,
+                          batch_size: int = BATCH_SIZE, match: GeneMatch | dict | None = None
+                          ) -> novelty.NoveltyCalibration:
+        """Recalibrate the novelty rule on known cells the model did not train on.
+
+        ``fit_stage`` calibrates on its validation cells; call this to calibrate on other
+        held-out cells (e.g. another donor of known types, so that donor shift is in the
+        calibration). Labels are not needed: each cell is grouped by its predicted type.
 
         Parameters
         ----------
-        data
-            Reference cells: an AnnData (e.g. the training data or ``self.bank``) or a
-            :class:`~canal.data.CellData` already on the panel.
+        adata
+            Held-out cells of known types (AnnData, or :class:`~canal.data.CellData`).
+        fpr
+            Share of known cells to call novel.
+        score
+            Novelty score (default: the stored rule's, else ``"knn"``).
         batch_size
             Cells per forward pass.
-        seed
-            Seed of the mixup generator (the result is deterministic).
-        temperature
-            Energy temperature.
         match
             How AnnData input is read and matched (default: the model's).
 
         Returns
         -------
-        The calibration dict (see :func:`canal.annotate.calibration`), also stored as
-        ``self.meta["novelty"]`` and saved with the checkpoint; used by
-        ``predict(..., novelty="calibrated")``.
+        The :class:`canal.novelty.NoveltyCalibration`, also stored in ``self.meta["novelty"]``
+        and saved with the checkpoint; ``predict(..., novelty="calibrated")`` uses it.
         """
-        if not isinstance(data, CellData):
-            data = self.prepare(data, match=match)
-        cal = annotate.calibration(self.net, data, batch_size=batch_size, seed=seed,
-                                   temperature=temperature)
-        cal["stage"] = self.stage
-        self.meta["novelty"] = cal
+        if not self.cell_types:
+            raise ValueError("the model has no cell types yet; calibrate after fit_stage")
+        data = adata if isinstance(adata, CellData) else self.prepare(adata, match=match)
+        rep, logits = self.outputs(data, batch_size=batch_size)
+        old = self.novelty_calibration
+        cal = self._fit_novelty(rep, logits, score=score or (old.score if old else "knn"),
+                                fpr=fpr)
+        self.meta["novelty"] = cal.to_dict() | {"stage": self.stage}
         return cal
 
     def predict(
@@ -491,7 +556,9 @@ class Annotator:
         adata,
         *,
         key_added: str = "canal",
-        novelty: Literal["energy", "calibrated", "none"] = "energy",
+        novelty: Literal["calibrated", "mixup", "none"] = "calibrated",
+        novelty_fpr: float | None = None,
+        groupby: str | None = None,
         match: GeneMatch | dict | None = None,
         batch_size: int = BATCH_SIZE,
         precision: Literal["fp32", "bf16"] = "fp32",
@@ -512,12 +579,22 @@ class Annotator:
         key_added
             Prefix of the fields written.
         novelty
-            ``"energy"``: CANAL's transductive mode, scores normalised over the cells given and
-            a mixup threshold from their representations (seeded, deterministic).
-            ``"calibrated"``: the bounds and threshold stored by :meth:`calibrate_novelty`, so a
-            cell's result does not depend on the other cells. ``"none"``: no ``Unassigned``.
-            ``"energy"`` on a single cell falls back to ``"calibrated"`` when the model is
-            calibrated, else raises a ValueError.
+            ``"calibrated"`` (default): the split-conformal rule fitted after the last stage on
+            held-out known cells (:attr:`novelty_calibration`): a cell is ``Unassigned`` when
+            its conformal p-value is at most ``novelty_fpr``, so about that share of cells of
+            known types is rejected; each cell is scored on its own. ``"mixup"``: CANAL's
+            transductive rule (scores min-max normalised over the cells given, mixup
+            threshold; seeded), which rejected 15-25% of known cells in our runs (``"energy"``
+            is its former name). ``"none"``: no ``Unassigned``.
+        novelty_fpr
+            Share of known cells to reject with ``"calibrated"`` (default: the one calibrated,
+            ``StageConfig.novelty_fpr``). Re-thresholding afterwards needs no re-run:
+            ``obs[f"{key_added}_novelty_p"] <= alpha``.
+        groupby
+            An ``adata.obs`` column of clusters: decide per cluster (a cluster is
+            ``Unassigned`` when most of its cells are; known cells take their cluster's
+            majority type, as CellTypist's majority voting); ``"auto"`` clusters the
+            representation (Leiden on a kNN graph; transductive).
         batch_size
             Cells per forward pass; results do not depend on it.
         precision
@@ -530,27 +607,43 @@ class Annotator:
             of fields to change in the model's (e.g. ``{"orthologs": True}`` for mouse cells
             and a human model). Default: the model's :attr:`match`.
         seed
-            Seed of the ``"energy"`` mode's mixup.
+            Seed of the ``"mixup"`` rule (and of ``groupby="auto"``).
         device
             Torch device; ``None`` uses ``canal.settings.device``.
 
         Returns
         -------
-        With ``inplace=True`` nothing; sets ``adata.obs[key_added]`` (categorical: the cell-type
-        library plus ``"Unassigned"``), ``adata.obs[f"{key_added}_confidence"]`` (float32,
+        With ``inplace=True`` nothing; sets ``adata.obs[key_added]`` (categorical: the types
+        called, plus ``"Unassigned"``), ``adata.obs[f"{key_added}_confidence"]`` (float32,
         largest probability), ``adata.obs[f"{key_added}_novelty"]`` (float32 novelty score,
-        NaN with ``novelty="none"``), ``adata.obsm[f"X_{key_added}"]`` (float32
+        higher = more novel; NaN with ``novelty="none"``),
+        ``adata.obs[f"{key_added}_novelty_p"]`` (float32 conformal p-value),
+        ``adata.obs[f"{key_added}_closed"]`` (most probable known type of every cell,
+        ``Unassigned`` ones included), ``adata.obsm[f"X_{key_added}"]`` (float32
         representation), ``adata.obsm[f"{key_added}_probabilities"]`` (DataFrame, one column per
-        known type) and ``adata.uns[key_added]["params"]`` (novelty mode, threshold,
-        temperature, panel genes measured and their share, gene match, stage, batch size,
-        precision). With ``inplace=False`` a
-        DataFrame indexed by ``adata.obs_names`` with the three obs columns and one probability
-        column per known type.
+        known type), ``adata.uns[f"{key_added}_colors"]`` and ``adata.uns[key_added]["params"]``
+        (novelty rule, score and fpr, panel genes measured and their share, gene match, stage,
+        checkpoint, batch size, precision). With ``inplace=False`` a DataFrame indexed by
+        ``adata.obs_names`` with the obs columns and one probability column per known type.
         """
+        groups = None
+        if groupby == "auto":
+            rep, _ = self.outputs(self.prepare(adata, match=match), batch_size=batch_size)
+            groups = novelty.neighbour_groups(rep.numpy(), seed=seed)
+        elif groupby is not None:
+            if groupby not in adata.obs:
+                raise KeyError(f"groupby column {groupby!r} not in adata.obs "
+                               f"({list(adata.obs.columns)}); or pass groupby='auto'")
+            groups = adata.obs[groupby].astype(str).to_numpy()
         result = annotate.annotate(
             self.net, adata, self.genes, self.cell_types, novelty=novelty,
-            calibration=self.meta.get("novelty"), match=GeneMatch.resolve(match, self.match),
+            calibration=self.novelty_calibration, reference=self._reference(),
+            fpr=novelty_fpr, groups=groups, match=GeneMatch.resolve(match, self.match),
+            shares=self.gene_shares,
             batch_size=batch_size, precision=precision, seed=seed, device=device)
+        if groupby is not None:
+            result.params["groupby"] = groupby
+        result.params.update(self.source)
         result.params["stage"] = self.stage
         if not inplace:
             return annotate.results_frame(result, adata.obs_names, key_added=key_added)

@@ -202,7 +202,7 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
     scores = _obs_column(adata, f"{key}_novelty", "novelty score").to_numpy(dtype=float)
     if np.isnan(scores).all():
         raise ValueError(f"obs['{key}_novelty'] is all NaN (predicted with novelty='none'); "
-                         "predict with novelty='energy' or 'calibrated' to plot scores")
+                         "predict with novelty='calibrated' or 'mixup' to plot scores")
     ok = ~np.isnan(scores)
     novel = {novel_types} if isinstance(novel_types, str) else {str(t) for t in novel_types}
     ax = _new_axes(ax, (5.5, 3.8))

@@ -320,17 +320,27 @@ def detect_input(adata, *, layer: str | None = None) -> InputKind:
     return detect_scale(adata, layer=layer).kind
 
 
-def normalize_block(block: sp.csr_matrix, kind: InputKind | InputScale) -> sp.csr_matrix:
+def normalize_block(block: sp.csr_matrix, kind: InputKind | InputScale, *,
+                    share: float = 1.0) -> sp.csr_matrix:
     """Bring a CSR block to canal's ln(1 + CP10k).
 
     Counts and un-logged values are normalized (normalize_total to 1e4, then log1p); log input
     on another scale (log2, CPM, logged twice, a gene subset) is un-logged and converted; input
     already on ln(1 + CP10k) (``kind="log"`` or a canonical :class:`InputScale`) is returned
     as is.
+
+    ``share`` < 1: the file holds only part of the transcriptome, whose genes took this share
+    of all counts in the reference; the normalized values are scaled by it, so that a gene
+    reads as it would have in a cell whose whole transcriptome had been measured
+    (:func:`reference_share`).
     """
     scale = CANONICAL if kind == "log" else kind
     if isinstance(scale, str):
         scale = InputScale(scale)
+    if share < 1.0:
+        out = normalize_block(block, scale)
+        out.data = np.log1p(np.expm1(out.data.astype(np.float64)) * share).astype(np.float32)
+        return out
     if scale.canonical:
         return block
     out = sp.csr_matrix(block, dtype=np.float64, copy=True)
@@ -481,6 +491,8 @@ class GeneAlignment:
     source_index: np.ndarray
     n_found: int
     n_panel: int
+    #: the dataset's gene names translated to the panel's species (orthologs), upper-case
+    keys: np.ndarray | None = None
 
     @property
     def fraction(self) -> float:
@@ -490,6 +502,40 @@ class GeneAlignment:
     def measured(self) -> np.ndarray:
         """Boolean mask over the panel: genes the dataset measures (a zero there is data)."""
         return self.source_index >= 0
+
+
+#: A file whose genes held at least this share of the reference's counts is normalized as is.
+FULL_SHARE = 0.9
+
+
+def dataset_gene_shares(adata, genes: Sequence[str], *, match: GeneMatch | None = None
+                        ) -> tuple[pd.Series, int]:
+    """:func:`gene_shares` of every gene of ``adata`` (streamed), keyed in the panel's species,
+    and the number of cells."""
+    match = match or GeneMatch()
+    alignment = match.align(adata, genes)
+    scale = detect_scale(adata, layer=match.layer)
+    total = np.zeros(adata.n_vars)
+    for block, _ in _iter_blocks(adata, layer=match.layer):
+        linear = sp.csr_matrix(normalize_block(block, scale), dtype=np.float64, copy=True)
+        linear.data = np.expm1(linear.data) / TARGET_SUM
+        total += np.asarray(linear.sum(axis=0)).ravel()
+    out = pd.Series(total / max(adata.n_obs, 1), index=pd.Index(alignment.keys))
+    return out.groupby(level=0, sort=False).sum(), adata.n_obs
+
+
+def reference_share(alignment: GeneAlignment, shares: pd.Series | None) -> float:
+    """The share of the reference's counts that a dataset's genes hold (1 when unknown or when
+    the dataset measures nearly the whole transcriptome, >= :data:`FULL_SHARE`)."""
+    if shares is None or alignment.keys is None or not len(shares):
+        return 1.0
+    keys = pd.Index(alignment.keys).unique()
+    f = float(shares.reindex(keys).fillna(0.0).sum() / max(float(shares.sum()), 1e-12))
+    if f >= FULL_SHARE or f <= 0:
+        return 1.0
+    logger.info("the data's %d genes held %.0f%% of the reference's counts: expression is "
+                "scaled to a whole transcriptome", len(keys), 100 * f)
+    return f
 
 
 def _guess_cause(var_names: pd.Index, panel: Sequence[str]) -> str:
@@ -568,7 +614,8 @@ def align_genes(
                        "panels')", msg, 100 * warn_overlap)
     else:
         logger.info("%s; the other genes are treated as not measured", msg)
-    return GeneAlignment(source_index=index, n_found=found, n_panel=len(panel))
+    return GeneAlignment(source_index=index, n_found=found, n_panel=len(panel),
+                         keys=np.asarray(keys.str.upper(), dtype=str))
 
 
 def _select_columns(block: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
@@ -589,6 +636,7 @@ def iter_panel_blocks(
     match: GeneMatch | None = None,
     chunk_size: int = 4096,
     alignment: GeneAlignment | None = None,
+    share: float = 1.0,
 ) -> Iterator[sp.csr_matrix]:
     """Stream log-normalized expression on the model's gene panel, ``chunk_size`` cells at a time.
 
@@ -613,21 +661,22 @@ def iter_panel_blocks(
         raise ValueError(f"alignment is for {alignment.n_panel} genes, the panel has "
                          f"{len(genes)}; recompute it with match.align(adata, genes)")
     for block, _ in _iter_blocks(adata, layer=match.layer, chunk_size=chunk_size):
-        yield _select_columns(normalize_block(block, scale), alignment)
+        yield _select_columns(normalize_block(block, scale, share=share), alignment)
 
 
 _orthologs = orthologs
 
 
 def prepare(adata, genes: Sequence[str], *, match: GeneMatch | None = None,
-            chunk_size: int = 4096, alignment: GeneAlignment | None = None) -> sp.csr_matrix:
+            chunk_size: int = 4096, alignment: GeneAlignment | None = None,
+            share: float = 1.0) -> sp.csr_matrix:
     """Log-normalized expression on the model's gene panel (cells x panel genes, CSR float32).
 
     Genes the data lack are empty columns; ``(match or GeneMatch()).align(adata, genes)
     .measured`` says which. :meth:`canal.data.CellData.from_adata` keeps both together.
     """
     return sp.vstack(list(iter_panel_blocks(adata, genes, match=match, chunk_size=chunk_size,
-                                            alignment=alignment)), format="csr")
+                                            alignment=alignment, share=share)), format="csr")
 
 
 # --------------------------------------------------------------------------------------------

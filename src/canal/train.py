@@ -90,6 +90,9 @@ class StageConfig:
         their measured genes with a probability drawn uniformly in ``[0, panel_dropout]`` per
         cell, with the not-measured semantics (no attention key, the head's ``unknown``
         value), so the model learns to read partial panels. ``0``: off (exact CANAL).
+    novelty_score, novelty_fpr
+        The calibrated novelty rule fitted after the stage on its validation cells: the score
+        (see :func:`canal.novelty.novelty_scores`) and the share of known cells it rejects.
     precision
         ``bf16`` runs forward passes under bfloat16 autocast (faster on recent CPUs and GPUs).
     cache_limit_gb
@@ -113,6 +116,9 @@ class StageConfig:
     distill_weight: float = 0.1
     panel_dropout: float = 0.0
     panel_dropout_cells: float = 0.5
+    novelty_score: Literal["knn", "mahalanobis", "relative_mahalanobis", "energy",
+                           "max_logit", "msp"] = "knn"
+    novelty_fpr: float = 0.05
     precision: Literal["fp32", "bf16"] = "fp32"
     cache_limit_gb: float = 6.0
     seed: int = 0
@@ -124,6 +130,8 @@ class StageConfig:
         if self.trainable not in ("canal", "head", "all"):
             raise ValueError(f"trainable must be 'canal', 'head' or 'all', got {self.trainable!r}")
         check_loop_options(self)
+        if not 0 < self.novelty_fpr < 1:
+            raise ValueError(f"novelty_fpr must be in (0, 1), got {self.novelty_fpr}")
         if not 0 <= self.panel_dropout < 1 or not 0 <= self.panel_dropout_cells <= 1:
             raise ValueError(f"panel_dropout must be in [0, 1) and panel_dropout_cells in "
                              f"[0, 1], got {self.panel_dropout} and {self.panel_dropout_cells}")

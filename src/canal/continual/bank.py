@@ -80,6 +80,9 @@ class ExampleBank:
         self.X = sp.csr_matrix((0, 0), dtype=np.float32)
         #: ``(cells, genes)`` bool: the panel genes each kept cell's dataset measured
         self.measured = np.ones((0, 0), dtype=bool)
+        #: ``(cells, rep_dim)`` float32: the kept cells' representations from the model that
+        #: chose them (the kNN novelty score's reference), or ``None``
+        self.representation: np.ndarray | None = None
         self.obs = pd.DataFrame({"cell_type": pd.Series(dtype=str), "stage": pd.Series(dtype=int),
                                  "rank": pd.Series(dtype=int), "cell": pd.Series(dtype=str)})
 
@@ -156,6 +159,7 @@ class ExampleBank:
         keep_ix = np.concatenate(keep) if keep else np.zeros(0, dtype=int)
         self.X = sp.csr_matrix(data.X[keep_ix], dtype=np.float32)
         self.measured = data.measured_rows(keep_ix)
+        self.representation = representations[torch.as_tensor(keep_ix)].float().cpu().numpy()
         self.obs = pd.DataFrame({
             "cell_type": labels[keep_ix],
             "stage": stage[keep_ix],
@@ -166,7 +170,8 @@ class ExampleBank:
 
     def to_anndata(self, genes: Sequence[str]):
         """The bank as AnnData: ``X`` on the model's panel, ``obs`` with cell_type, stage, rank,
-        ``layers["measured"]`` (bool: the genes each cell's dataset measured)."""
+        ``layers["measured"]`` (bool: the genes each cell's dataset measured),
+        ``obsm["X_canal"]`` (the cells' representations)."""
         import anndata as ad
 
         obs = self.obs.copy()
@@ -178,6 +183,8 @@ class ExampleBank:
         bank = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes]))
         if self.measured.shape == X.shape:
             bank.layers["measured"] = self.measured
+        if self.representation is not None and len(self.representation) == len(obs):
+            bank.obsm["X_canal"] = self.representation
         bank.uns["bank"] = {"size": -1 if self.size is None else int(self.size),
                             "prototype": self.prototype}
         return bank
@@ -201,6 +208,8 @@ class ExampleBank:
             out.measured = np.asarray(m.toarray() if sp.issparse(m) else m, dtype=bool)
         else:
             out.measured = np.ones(bank.shape, dtype=bool)
+        if "X_canal" in bank.obsm:
+            out.representation = np.asarray(bank.obsm["X_canal"], dtype=np.float32)
         out.obs = pd.DataFrame({
             "cell_type": bank.obs["cell_type"].astype(str).to_numpy(),
             "stage": bank.obs["stage"].to_numpy(dtype=int),
