@@ -46,9 +46,13 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from canal import Annotator
 
 EXPERIMENTS = {
     "novel_pancreas": "novel_pancreas",
@@ -77,7 +81,6 @@ def train_stream(config: str, *, seed: int, epochs: int | None, root: Path | Non
     """
     import anndata as ad
 
-    from canal import Annotator
     from canal._settings import data_dir
     from canal.continual import ExampleBank
     from canal.data import encode_labels
@@ -134,7 +137,7 @@ def dump(experiment: str, *, seed: int, epochs: int | None, out: Path) -> Path:
 
     config = EXPERIMENTS[experiment]
     t0 = time.perf_counter()
-    model, cfg, stages, holds, tests, trained, seen, last_val = train_stream(
+    model, _cfg, stages, holds, tests, trained, seen, last_val = train_stream(
         config, seed=seed, epochs=epochs)
     train_seconds = time.perf_counter() - t0
     arrays: dict[str, np.ndarray] = {}

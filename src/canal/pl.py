@@ -8,16 +8,19 @@ and the caller saves with ``fig.savefig(path)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from canal import metrics
 from canal.metrics import UNASSIGNED
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from matplotlib.axes import Axes
 
 logger = logging.getLogger(__name__)
 
