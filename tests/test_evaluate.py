@@ -131,7 +131,18 @@ def test_cli_predict_then_evaluate(data_root, tmp_path, capsys):
                                   novel_types=NOVEL)
     assert report["metrics"]["h_score"] == pytest.approx(direct["h_score"])
     assert report["params"]["novelty"] == "calibrated"
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "novelty.png"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "novelty.png",
+                                               "novelty_tradeoff.png"}
+    # closed-set accuracy: the best known type of every cell of a known type
+    truth = test.obs["cell_type"].astype(str).to_numpy()
+    known = truth != NOVEL
+    closed = res.obs["canal_closed"].astype(str).to_numpy()
+    assert report["metrics"]["closed_accuracy"] == pytest.approx((closed == truth)[known].mean())
+    # never-trained true types are pointed at --novel-types when not given
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred), "--truth", "cell_type", "--out",
+                 str(tmp_path / "eval2"), "--umap-cells", "0"]) == 0
+    assert "--novel-types alpha" in capsys.readouterr().err
     # the input file is never overwritten
     assert main(["predict", "--model", str(tmp_path / "ckpt"), "--data", str(data), "--out",
                  str(data)]) == 2

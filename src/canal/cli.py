@@ -270,6 +270,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import numpy as np
+
     from canal import io, metrics, pl
 
     if args.out:
@@ -278,6 +280,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     novel = [t.strip() for t in args.novel_types.split(",") if t.strip()] if args.novel_types \
         else []
     scores = metrics.evaluate(adata, truth=args.truth, key=args.key, novel_types=novel)
+    truth = adata.obs[args.truth].astype(str).to_numpy()
+    probs = adata.obsm.get(f"{args.key}_probabilities")
+    known_types = [str(c) for c in probs.columns] if hasattr(probs, "columns") else []
+    closed_key = f"{args.key}_closed"
+    if closed_key in adata.obs and known_types:
+        known = np.isin(truth, known_types)
+        if known.any():
+            scores["closed_accuracy"] = metrics.accuracy(
+                truth[known], adata.obs[closed_key].astype(str).to_numpy()[known])
+    unseen = sorted(set(truth) - set(known_types) - set(novel)) if known_types else []
+    if unseen:
+        print(f"note: true types {unseen[:8]} are not in the model's library; they count as "
+              f"errors unless given as --novel-types {','.join(unseen[:8])}", file=sys.stderr)
     out = Path(args.out) if args.out else Path(args.pred).with_name(
         f"{Path(args.pred).stem}_evaluation")
     out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +316,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if scored in adata.obs and adata.obs[scored].notna().any():
         plots["novelty.png"] = lambda: pl.novelty_hist(adata, key=args.key, truth=args.truth,
                                                        novel_types=novel).figure
+    p_key = f"{args.key}_novelty_p"
+    if p_key in adata.obs and adata.obs[p_key].notna().any():
+        plots["novelty_tradeoff.png"] = lambda: pl.novelty_tradeoff(
+            adata, key=args.key, truth=args.truth, novel_types=novel).figure
     for name, make in plots.items():
         io.save_figure(make(), out / name, dpi=120)
     print(f"metrics.json and {', '.join(plots)} written to {out}")

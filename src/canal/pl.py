@@ -379,3 +379,38 @@ def novelty_calibration(scores, is_novel_type, calibration, *, predicted=None,
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def novelty_tradeoff(adata, *, key: str = "canal", truth: str, novel_types: Iterable[str],
+                     alphas: Sequence[float] | None = None, ax: Axes | None = None) -> Axes:
+    """False rejection and detection as the novelty level alpha varies, from the stored
+    conformal p-values (``obs[f"{key}_novelty_p"]``): a cell is novel at alpha when
+    ``p <= alpha``, so no model is needed.
+
+    Returns
+    -------
+    The Axes: share of known cells called novel and of novel cells called novel, against
+    alpha, with the diagonal (realised = target false rejection).
+    """
+    p = _obs_column(adata, f"{key}_novelty_p", "conformal p-value").to_numpy(dtype=float)
+    if np.isnan(p).all():
+        raise ValueError(f"obs['{key}_novelty_p'] is all NaN: predict with novelty='calibrated'")
+    novel = {novel_types} if isinstance(novel_types, str) else {str(t) for t in novel_types}
+    is_novel = _obs_column(adata, truth, "truth").astype(str).isin(novel).to_numpy()
+    alphas = np.asarray(alphas if alphas is not None else np.linspace(0.01, 0.3, 30))
+    ax = _new_axes(ax, (4.5, 3.8))
+    ok = ~np.isnan(p)
+    frr = [(p[ok & ~is_novel] <= a).mean() for a in alphas]
+    ax.plot(alphas, frr, marker=".", color="tab:blue", label="known cells called novel")
+    if (ok & is_novel).any():
+        det = [(p[ok & is_novel] <= a).mean() for a in alphas]
+        ax.plot(alphas, det, marker=".", color="tab:red", label="novel cells called novel")
+    ax.plot(alphas, alphas, color="grey", linestyle=":", label="alpha")
+    fpr = dict(adata.uns.get(key, {})).get("params", {}).get("fpr")
+    if fpr is not None:
+        ax.axvline(float(fpr), color="black", linestyle="--", label=f"used: {float(fpr):g}")
+    ax.set_xlabel("alpha (target false rejection)")
+    ax.set_ylabel("share called Unassigned")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, frameon=False)
+    return ax
