@@ -131,7 +131,7 @@ def test_torchrun_fit_matches_single_process(stage_files, tmp_path):
     data, init, cells = stage_files
     out = tmp_path / "runs" / "ddp"
     args = ["--quiet", "fit", "--data", str(data), "--labels", "cell_type", "--from", str(init),
-            "--epochs", "2", "--lr", "3e-3", "--bank-size", "60"]
+            "--epochs", "2", "--lr", "3e-3", "--bank-size", "60", "--min-cells", "1"]
     proc = _torchrun("-m", "canal", *args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("stage 1:") == 1 and "on 2 processes" in proc.stdout
