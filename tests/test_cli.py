@@ -54,3 +54,18 @@ def test_fit_flags_come_from_stage_config_and_reach_the_model(tmp_path, data_roo
         main(["fit", "--data", str(src), "--out", str(out), "--strategy", "bogus"])
     assert err.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_non_h5ad_input_is_named(tmp_path, capsys):
+    csv = tmp_path / "cells.csv"
+    csv.write_text("a,b\n1,2\n")
+    assert main(["embed", "--model", "nope", "--data", str(csv), "--out",
+                 str(tmp_path / "o.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err or "not a readable .h5ad" in err
+    from canal.model import DEFAULT_WEIGHTS
+
+    assert main(["embed", "--model", str(DEFAULT_WEIGHTS), "--data", str(csv), "--out",
+                 str(tmp_path / "o.h5ad")]) == 2
+    assert "not a readable .h5ad file" in capsys.readouterr().err
+    assert csv.read_text() == "a,b\n1,2\n"

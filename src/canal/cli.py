@@ -29,7 +29,14 @@ def _say(message: str) -> None:
 def _read(path: str, *, backed: bool = False):
     import anndata as ad
 
-    return ad.read_h5ad(path, backed="r" if backed else None)
+    if not Path(path).exists():
+        raise ValueError(f"{path} does not exist")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable .h5ad file ({type(err).__name__}: {err}); "
+                         "convert it first, e.g. sc.read_10x_mtx(...).write_h5ad(...) or "
+                         "anndata.read_csv(...).write_h5ad(...)") from err
 
 
 def _add_match_args(p: argparse.ArgumentParser) -> None:

@@ -222,10 +222,11 @@ class Annotator:
                                    shares=self.gene_shares)
 
     def outputs(self, data: CellData, *, batch_size: int = BATCH_SIZE,
-                device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                device: str | torch.device | None = None, progress: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations and logits of every cell, in batches (eval mode, no gradients)."""
         out = forward_cells(self.net, (b for _, b in data.batches(batch_size)),
-                            n_cells=data.n_cells, device=device)
+                            n_cells=data.n_cells, device=device, progress=progress)
         return out.representation, out.logits
 
     def embed(self, adata, *, key_added: str = "canal", match: GeneMatch | dict | None = None,
@@ -237,7 +238,8 @@ class Annotator:
         Sets ``adata.obsm[f"X_{key_added}"]`` (cells x ``rep_dim``, the key :meth:`predict`
         uses) when ``inplace``, else returns the array.
         """
-        rep, _ = self.outputs(self.prepare(adata, match=match), batch_size=batch_size)
+        rep, _ = self.outputs(self.prepare(adata, match=match), batch_size=batch_size,
+                              progress="canal embed")
         rep = rep.numpy()
         if not inplace:
             return rep
