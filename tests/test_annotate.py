@@ -209,6 +209,11 @@ def test_cluster_vote(model, cells):
     assert (df.loc[groups.obs["cluster"] == "alpha", "canal"].astype(str) == UNASSIGNED).all()
     with pytest.raises(KeyError, match="groupby"):
         model.predict(groups, groupby="nope")
+    # "auto": clusters of the representation from the same pass; calls are per cluster
+    auto = cells.copy()
+    model.predict(auto, groupby="auto")
+    assert auto.uns["canal"]["params"]["groupby"] == "auto"
+    assert auto.obs["canal"].nunique() <= auto.obs["canal_closed"].nunique() + 1
 
 
 def test_bf16_keeps_the_calls(model, split):

@@ -204,7 +204,7 @@ def annotate(
     calibration: nov.NoveltyCalibration | None = None,
     reference: np.ndarray | None = None,
     fpr: float | None = None,
-    groups: Sequence[str] | None = None,
+    groups: Sequence[str] | Literal["auto"] | None = None,
     match: pp.GeneMatch | None = None,
     shares: pd.Series | None = None,
     batch_size: int = BATCH_SIZE,
@@ -236,7 +236,8 @@ def annotate(
         Share of known cells to reject (default: the calibrated one); another level re-reads
         the stored p-values, nothing is recomputed.
     groups
-        One cluster label per cell: decide per cluster (a cluster is novel when most of its
+        One cluster label per cell, or ``"auto"`` (Leiden clusters of the representation,
+        from the same pass): decide per cluster (a cluster is novel when most of its
         cells are; known cells take their cluster's majority type).
     batch_size
         Cells per forward pass; results do not depend on it.
@@ -267,7 +268,7 @@ def annotate(
         raise ValueError("the model has no novelty calibration (fit_stage makes one; or call "
                          "model.calibrate_novelty(adata) on held-out known cells); or pass "
                          "novelty='mixup' or 'none'")
-    if groups is not None and len(groups) != adata.n_obs:
+    if groups is not None and not isinstance(groups, str) and len(groups) != adata.n_obs:
         raise ValueError(f"groupby gives {len(groups)} labels for {adata.n_obs} cells")
     batch_size = check_batch_size(batch_size)
     check_precision(precision)
@@ -308,6 +309,8 @@ def annotate(
                                                       calibration=calibration,
                                                       reference=reference, fpr=fpr)
     codes = closed.copy()
+    if isinstance(groups, str):
+        groups = nov.neighbour_groups(outputs.representation.numpy(), seed=seed)
     if groups is not None:
         voted, novel = nov.cluster_vote(np.asarray(cell_types)[closed], novel, groups,
                                         unassigned=UNASSIGNED)

@@ -143,8 +143,13 @@ class CellData:
 
     def measured_rows(self, index: np.ndarray | slice | None = None) -> np.ndarray:
         """``(cells, genes)`` bool: the measured genes of cells ``index`` (default: all)."""
-        n = self.n_cells if index is None else len(np.arange(self.n_cells)[index])
-        if self.measured is None:
+        if self.measured is None:  # no per-cell work: called once per batch
+            if index is None:
+                n = self.n_cells
+            elif isinstance(index, slice):
+                n = len(range(*index.indices(self.n_cells)))
+            else:
+                n = len(index)
             return np.ones((n, self.X.shape[1]), dtype=bool)
         group = self.group if index is None else self.group[index]
         return self.measured[group]

@@ -635,8 +635,7 @@ class Annotator:
         """
         groups = None
         if groupby == "auto":
-            rep, _ = self.outputs(self.prepare(adata, match=match), batch_size=batch_size)
-            groups = novelty.neighbour_groups(rep.numpy(), seed=seed)
+            groups = "auto"  # clustered from the same forward pass (see annotate)
         elif groupby is not None:
             if groupby not in adata.obs:
                 raise KeyError(f"groupby column {groupby!r} not in adata.obs "
