@@ -19,9 +19,16 @@ depth 6, 10 heads, 1,000 genes + 1 token) it measures, on real Baron pancreas ce
   representations) are spread over the stage's 20 epochs;
 - the data path (slice the sparse matrix + bin into tokens) as a share of a training step;
 - the achieved share of this machine's matmul peak (2048 x 2048 matmul, measured in this run);
-- peak RSS of the process.
+- peak RSS of the process;
+- issue #17 (``--only heap``), before vs after, with no tcmalloc: glibc's malloc as it comes
+  (every large temporary a fresh mmap) vs :func:`canal.runtime.keep_heap`, and the masked
+  full-length pass vs the compacted one (a file's unmeasured panel genes dropped from the
+  sequence) on Kang (1,287 genes: 429 of the 1,000 panel genes measured) and Baron (935); for
+  inference batches of 64 and for one training epoch; then ``canal predict`` end to end in a
+  fresh process (``CANAL_KEEP_HEAP=0`` vs default) on Baron tiled to 2,142 and 10,710 cells,
+  cells/s from the slope (start-up excluded).
 
-Run: ``python benchmarks/speed.py [--quick] [--device cuda] [--out speed.json]``. On a GPU
+Run: ``python benchmarks/speed.py [--quick] [--device cuda] [--only heap] [--out speed.json]``. On a GPU
 machine pass ``--device cuda``. For the allocator effect, run it once with and once without
 ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`` (the ``canal`` command
 preloads it by itself when installed).
@@ -30,10 +37,13 @@ preloads it by itself when installed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,8 +53,9 @@ import numpy as np
 import torch
 
 import canal
-from canal import Annotator, ModelConfig
+from canal import Annotator, ModelConfig, runtime
 from canal.continual import Distiller
+from canal.nn import net as net_module
 from canal.nn import performer
 from canal.train import StageConfig, run_stage, set_trainable, trainable_start
 
@@ -85,6 +96,113 @@ class textbook_kernel:
 
     def __exit__(self, *exc):
         performer.softmax_kernel, performer.linear_attention = self.saved
+
+
+class masked_pass:
+    """Context manager: always run the masked full-length pass (no sequence compaction)."""
+
+    def __enter__(self):
+        self.saved = net_module.shared_columns
+        net_module.shared_columns = lambda present: None
+
+    def __exit__(self, *exc):
+        net_module.shared_columns = self.saved
+
+
+def _heap(on: bool):
+    canal.settings.keep_heap = on
+
+
+def heap_and_compaction(data_root: Path, *, device: torch.device, quick: bool) -> dict:
+    """Issue #17's before/after: allocator (keep_heap) and compaction, in-process and end to end.
+
+    Runs before anything else in the process touches mallopt, so "before" is glibc as it comes.
+    """
+    res: dict = {}
+    files = {"baron": data_root / "pancreas" / "baron_human.h5ad",
+             "kang": data_root / "immune" / "kang_ctrl_8donors.h5ad"}
+    n_inf, n_train = (128, 128) if quick else (256, 256)
+    setups = {}
+    for name, path in files.items():
+        adata = ad.read_h5ad(path)
+        labels = adata.obs["cell_type"].astype(str).to_numpy()
+        classes = sorted(set(labels))
+        model = Annotator.from_pretrained()
+        model.net.head.grow(len(classes))
+        model.cell_types = classes
+        data = model.prepare(adata[:max(n_inf, n_train)])
+        data.labels = np.asarray([classes.index(x) for x in labels[:data.n_cells]])
+        setups[name] = model, data
+        res[name] = {"panel_genes_measured": int(data.measured.sum())
+                     if data.measured is not None else model.config.n_genes}
+    idx = np.arange(n_inf)
+
+    def infer(model, data):
+        out = runtime.forward_cells(model.net.eval(), (b for _, b in data.batches(64, index=idx)),
+                                    n_cells=len(idx), device=device)
+        return out.logits
+
+    # glibc as it comes first: once mallopt has run, the process never returns to that state
+    for label, heap, compact in (("before", False, False), ("heap", True, False),
+                                 ("after", True, True)):
+        _heap(heap)
+        for name, (model, data) in setups.items():
+            r = res[name]
+            with contextlib.nullcontext() if compact else masked_pass():
+                sec, _ = timed(lambda m=model, d=data: infer(m, d), device=device,
+                               min_seconds=2.0 if quick else 5.0)
+                r[f"infer_{label}"] = n_inf / sec
+                train = training(model, data.subset(np.arange(n_train)), bf16=False, cache=True,
+                                 device=device, batch=32)
+                r[f"train_{label}"] = train["cells_per_s_epoch"]
+            print(f"  heap/compaction {name} {label}: infer {r[f'infer_{label}']:.1f} cells/s, "
+                  f"train epoch {r[f'train_{label}']:.1f} cells/s", flush=True)
+    for name, (model, data) in setups.items():
+        r = res[name]
+        with masked_pass():
+            ref = infer(model, data)
+        r["max_logit_difference_compacted_vs_masked"] = float((infer(model, data) - ref)
+                                                              .abs().max())
+        r["infer_speedup"] = r["infer_after"] / r["infer_before"]
+        r["train_speedup"] = r["train_after"] / r["train_before"]
+    _heap(True)
+    res["end_to_end"] = end_to_end(data_root, quick=quick)
+    return res
+
+
+def end_to_end(data_root: Path, *, quick: bool) -> dict:
+    """``canal predict --novelty none`` in a fresh process, as a user runs it (no tcmalloc)."""
+    baron = ad.read_h5ad(data_root / "pancreas" / "baron_human.h5ad")
+    labels = baron.obs["cell_type"].astype(str)
+    out: dict = {"file": "baron_human tiled", "sizes": [len(baron), len(baron) * (3 if quick
+                                                                                    else 5)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = Annotator.from_pretrained()
+        model.fit_stage(baron[baron.obs["batch"] == "human1"], labels_key="cell_type",
+                        config=StageConfig(epochs=1, bank_size=100, seed=0))
+        model.save(tmp / "model")
+        del labels
+        for n in out["sizes"]:
+            tiled = ad.concat([baron] * (n // len(baron)), index_unique="-")
+            tiled.write_h5ad(tmp / f"cells{n}.h5ad")
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        for label, keep in (("before", "0"), ("after", "1")):
+            times = []
+            for n in out["sizes"]:
+                cmd = [sys.executable, "-m", "canal", "predict", "--model", str(tmp / "model"),
+                       "--data", str(tmp / f"cells{n}.h5ad"), "--out", str(tmp / "o.h5ad"),
+                       "--novelty", "none", "--quiet"]
+                t = time.perf_counter()
+                subprocess.run(cmd, check=True, env=env | {"CANAL_KEEP_HEAP": keep},
+                               stdout=subprocess.DEVNULL)
+                times.append(time.perf_counter() - t)
+            n1, n2 = out["sizes"]
+            out[label] = {"seconds": times, "cells_per_s": (n2 - n1) / (times[1] - times[0])}
+            print(f"  end to end {label}: {times[0]:.1f} s / {times[1]:.1f} s for {n1} / {n2} "
+                  f"cells: {out[label]['cells_per_s']:.1f} cells/s", flush=True)
+    out["speedup"] = out["after"]["cells_per_s"] / out["before"]["cells_per_s"]
+    return out
 
 
 def peak_rss_gb() -> float:
@@ -249,10 +367,22 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer cells, shorter timings")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="default,paper")
+    ap.add_argument("--only", choices=["heap"], default=None,
+                    help="heap: only issue #17's allocator/compaction before/after")
     ap.add_argument("--out", default="benchmarks/results/speed.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     data_root = canal._settings.data_dir()
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        print("note: tcmalloc is preloaded; users get glibc's malloc (unset LD_PRELOAD)")
+    print(f"threads {torch.get_num_threads()}", flush=True)
+    heap = heap_and_compaction(data_root, device=device, quick=args.quick)
+    if args.only == "heap":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"threads": torch.get_num_threads(), "heap": heap}, indent=2))
+        print(f"written {out}")
+        return 0
     baron = ad.read_h5ad(data_root / "pancreas" / "baron_human.h5ad")
     baron = baron[baron.obs["batch"] == "human1"]
     labels_all = baron.obs["cell_type"].astype(str).to_numpy()
@@ -262,7 +392,7 @@ def main(argv=None) -> int:
     print(f"device {device}, threads {torch.get_num_threads()}, tcmalloc {tcmalloc}; matmul peak "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
     results = {"device": str(device), "threads": torch.get_num_threads(), "tcmalloc": tcmalloc,
-               "matmul_gflops": peaks, "models": {}}
+               "matmul_gflops": peaks, "heap": heap, "models": {}}
     for size in args.sizes.split(","):
         cfg = ModelConfig.paper() if size == "paper" else ModelConfig()
         model = Annotator.create(baron, n_genes=1000, config=cfg)

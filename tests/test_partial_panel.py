@@ -62,6 +62,13 @@ def test_logits_ignore_what_unmeasured_positions_hold(trained, seger):
     assert batch.present is not None and not batch.present.all()
     with torch.no_grad():
         ref = net(batch.tokens, present=batch.present)
+        # one dataset, one mask: its unmeasured genes are dropped from the sequence; the masked
+        # full-length pass (what a batch mixing datasets runs) gives the same result
+        masked = net.head(net.norm(net.encode(batch.tokens, present=batch.present)),
+                          batch.present)
+        torch.testing.assert_close(masked.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(masked.representation, ref.representation, rtol=1e-5,
+                                   atol=1e-5)
         for seed in range(3):
             noisy = _randomise(batch.tokens, batch.present, seed)
             assert not torch.equal(noisy, batch.tokens)
@@ -92,7 +99,15 @@ def test_shipped_weights_ignore_unmeasured_positions(seger):
     with torch.no_grad():
         ref = model.net.eval()(batch.tokens, present=batch.present).logits
         out = model.net(_randomise(batch.tokens, batch.present, 1), present=batch.present).logits
+        # a batch mixing two masks runs the masked full-length pass: same logits per cell
+        mixed = batch.present.clone()
+        mixed[0, 0] = False
+        tokens = batch.tokens.clone()
+        alone = model.net(tokens[:1], present=mixed[:1]).logits
+        both = model.net(tokens, present=mixed).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1:], ref[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_predict_records_measured_share(trained, seger):

@@ -28,6 +28,9 @@ class _Settings:
         ``"auto"`` (CUDA when available, else CPU) or any ``torch.device`` string.
     progress
         Show tqdm progress bars.
+    keep_heap
+        While canal's forward and training loops run, ask glibc's malloc to keep freed memory
+        (see :func:`canal.runtime.keep_heap`); ``CANAL_KEEP_HEAP=0`` turns it off.
     num_threads
         Torch intra-op threads (set at once with ``torch.set_num_threads``); reads torch's
         current value.
@@ -35,6 +38,7 @@ class _Settings:
 
     device: str = "auto"
     progress: bool = True
+    keep_heap: bool = os.environ.get("CANAL_KEEP_HEAP", "1") != "0"
     _verbosity: str = "warning"
 
     @property

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -569,27 +568,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-             "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-             "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
-
-
-def _reexec_with_tcmalloc() -> None:
-    """Restart the command with tcmalloc preloaded when it is installed.
-
-    glibc's malloc returns the large temporaries of every training step to the system and pays
-    for fresh pages each time; tcmalloc keeps them, which made a step ~3x faster on a 2-core CPU.
-    Set ``CANAL_NO_TCMALLOC=1`` to opt out.
-    """
-    if os.environ.get("CANAL_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    lib = next((p for p in _TCMALLOC if os.path.exists(p)), None)
-    if lib is None:
-        return
-    env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip())
-    os.execve(sys.executable, [sys.executable, "-m", "canal", *sys.argv[1:]], env)
-
-
 #: Subcommands that run under ``torchrun`` (the others would repeat their work and race on
 #: their outputs in every process).
 DISTRIBUTED_COMMANDS = ("init", "fit", "pretrain")
@@ -603,9 +581,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from canal import distributed
     from canal._settings import settings
-
-    if argv is None:
-        _reexec_with_tcmalloc()
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from canal import distributed, pp
 from canal._settings import settings
 from canal.data import CellData, panel_dropout
+from canal.runtime import keep_heap
 from canal.train import check_loop_options
 
 if TYPE_CHECKING:
@@ -313,6 +314,7 @@ def _lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+@keep_heap()
 def run_pretraining(
     net: CanalNet,
     data: CellData,

@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from canal import distributed
 from canal._settings import settings
 from canal.data import Batch, CellData, panel_dropout
-from canal.runtime import BATCH_SIZE, autocast, check_precision, eval_mode, forward_cells
+from canal.runtime import (
+    BATCH_SIZE,
+    autocast,
+    check_precision,
+    eval_mode,
+    forward_cells,
+    keep_heap,
+)
 
 if TYPE_CHECKING:
     from canal.continual.distill import Distiller
@@ -389,6 +396,7 @@ class _EarlyStopping:
             net.load_state_dict(self.state)
 
 
+@keep_heap()
 def run_stage(net: CanalNet, data: CellData, *, config: StageConfig,
               distiller: Distiller | None = None, device: torch.device | None = None
               ) -> StageResult:
