@@ -46,7 +46,7 @@ def _obs_column(adata, col: str, what: str) -> pd.Series:
 
 def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
               normalize: Literal["true", "pred", "all"] | None = "true",
-              ax: Axes | None = None) -> Axes:
+              label_min: float | None = None, ax: Axes | None = None) -> Axes:
     """Heatmap of the confusion matrix (rows: true types, columns: predicted, ``Unassigned`` last).
 
     Parameters
@@ -59,6 +59,10 @@ def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
         ``adata.obs`` column of predictions (``key_added`` of ``predict``).
     normalize
         As in :func:`canal.metrics.confusion`; ``"true"`` shows the share of each true type.
+    label_min
+        Write the value into cells of at least this value (normalised matrices; default
+        0.005, so no cell reads "0.00", and 0.05 above 15 types, where small numbers would
+        crowd the matrix).
     ax
         Axes to draw into; a new figure by default.
 
@@ -79,10 +83,13 @@ def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
     ax.set_xlabel(f"predicted ({key})")
     ax.set_ylabel(f"true ({truth})")
     top = values.max() if values.size else 0
+    if label_min is None:
+        label_min = 0.05 if max(n_rows, n_cols) > 15 else 0.005
+    floor = label_min if normalize else 1
     for i in range(n_rows):
         for j in range(n_cols):
             v = values[i, j]
-            if v == 0:
+            if v == 0 or v < floor:
                 continue
             text = f"{v:.2f}" if normalize else f"{int(v)}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7,
@@ -98,8 +105,13 @@ def _palette(categories: Sequence[str]) -> dict[str, str]:
     from matplotlib.colors import to_hex
 
     named = [c for c in categories if c != UNASSIGNED]
-    cmap = colormaps["tab20" if len(named) > 10 else "tab10"]
-    colors = {c: to_hex(cmap(i % cmap.N)) for i, c in enumerate(named)}
+    if len(named) <= 20:
+        cmap = colormaps["tab20" if len(named) > 10 else "tab10"]
+        palette = [to_hex(cmap(i)) for i in range(cmap.N)]
+    else:  # distinct colours up to 60 types (tab20 repeated colours above 20)
+        palette = [to_hex(colormaps[name](i)) for name in ("tab20", "tab20b", "tab20c")
+                   for i in range(20)]
+    colors = {c: palette[i % len(palette)] for i, c in enumerate(named)}
     colors[UNASSIGNED] = _UNASSIGNED_COLOR
     return colors
 
@@ -226,7 +238,9 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
                    label=f"threshold {threshold:.3f} ({params.get('novelty', '?')})")
     ax.set_xlabel(f"novelty score ({key}_novelty)")
     ax.set_ylabel("cells")
-    ax.legend(fontsize=7, frameon=False)
+    # below the axes: inside it the legend covered the bars
+    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+              ncols=2)
     return ax
 
 
