@@ -132,7 +132,7 @@ def test_cli_predict_then_evaluate(data_root, tmp_path, capsys):
     assert report["metrics"]["h_score"] == pytest.approx(direct["h_score"])
     assert report["params"]["novelty"] == "calibrated"
     assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "novelty.png",
-                                               "novelty_tradeoff.png"}
+                                               "novelty_tradeoff.png", "report.html"}
     # closed-set accuracy: the best known type of every cell of a known type
     truth = test.obs["cell_type"].astype(str).to_numpy()
     known = truth != NOVEL

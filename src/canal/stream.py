@@ -145,7 +145,9 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
                root: str | Path | None = None, strategy: str | None = None,
                seed: int = 0, epochs: int | None = None, plots: bool = True,
                save_model: bool = True, test_every_stage: bool = True) -> dict[str, Any]:
-    """Run a stream; write ``results.json``, CSV tables, plots and the final model to ``out_dir``.
+    """Run a stream; write ``results.json``, CSV tables, plots, ``report.html`` (see
+    :mod:`canal.report`), each test set's final predictions (``predictions/*.h5ad``: obs calls
+    and scores, ``obsm["X_canal"]``, no expression) and the final model to ``out_dir``.
 
     Parameters
     ----------
@@ -159,7 +161,7 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     strategy, seed, epochs
         Override the config's ``[train]`` strategy, the seed and the epochs.
     plots
-        Write the PNG plots.
+        Write the PNG plots and the self-contained ``report.html``.
     test_every_stage
         Annotate the test sets after every stage (their accuracy over the stream); ``False``
         annotates them after the last stage only, which is all the final table needs. The
