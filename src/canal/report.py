@@ -225,7 +225,8 @@ def _forgetting_figure(R: pd.DataFrame) -> Figure:
     ax.set_ylabel("accuracy on held-out cells")
     ax.set_xticks(stages)
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8, frameon=False, title="held-out cells of", title_fontsize=8)
+    ax.legend(fontsize=8, frameon=False, title="held-out cells of", title_fontsize=8,
+              loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
