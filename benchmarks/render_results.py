@@ -120,11 +120,44 @@ def _stat(stat: dict[str, Any] | None, *, signed: bool, digits: int, std: bool) 
     return text
 
 
+def robustness_table(file: str = "partial_panel_final/partial_panel_cross_species.json", *,
+                     test: str = "baron human4") -> str:
+    """Closed-set accuracy on ``test`` as a share of the panel genes is removed from the query
+    (``benchmarks/partial_panel.py``'s curve): canal without and with panel dropout, and
+    CellTypist (same genes removed; from the run without panel dropout)."""
+    path = RESULTS / file
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run benchmarks/partial_panel.py")
+    curve = [c for c in json.loads(path.read_text())["curve"] if c["test"] == test]
+    if not curve:
+        raise KeyError(f"{file} has no robustness curve on {test!r}")
+    shares = sorted({c["removed"] for c in curve})
+    by = {(c["panel_dropout"], c["removed"]): c for c in curve}
+    rows = [("canal", 0.0, "canal"), ("canal, panel dropout 0.5", 0.5, "canal"),
+            ("CellTypist", 0.0, "celltypist")]
+    lines = ["| panel genes removed | " + " | ".join(f"{x:.0%}" for x in shares) + " |",
+             "|" + "---|" * (len(shares) + 1)]
+    for label, dropout, key in rows:
+        if not any((dropout, x) in by for x in shares):
+            continue
+        lines.append(f"| {label} | " + " | ".join(
+            f"{by[dropout, x][key]:.3f}" if (dropout, x) in by else "-" for x in shares) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: README tables drawn by their own function (name -> function).
+CUSTOM = {"partial_panel_final/robustness": robustness_table}
+
+
 def render_table(name: str, *, allow_mixed: bool = False,
                  cache: dict[str, dict] | None = None) -> str:
-    """The Markdown of the README table ``name`` (a key of :data:`TABLES`)."""
+    """The Markdown of the README table ``name`` (a key of :data:`TABLES` or
+    :data:`CUSTOM`)."""
+    if name in CUSTOM:
+        return CUSTOM[name]()
     if name not in TABLES:
-        raise KeyError(f"README marker names table {name!r}; known: {sorted(TABLES)}")
+        raise KeyError(f"README marker names table {name!r}; known: "
+                       f"{sorted([*TABLES, *CUSTOM])}")
     file, exp, cols = TABLES[name]
     cache = {} if cache is None else cache
     if file not in cache:
@@ -179,6 +212,10 @@ def render_result_files(*, allow_mixed: bool = False) -> tuple[dict[Path, str], 
     return rendered, legacy
 
 
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true",
@@ -196,20 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         stale.append(path)
         if args.check:
             diff = difflib.unified_diff(old.splitlines(), text.splitlines(),
-                                        str(path.relative_to(ROOT)), "rendered", lineterm="",
+                                        _rel(path), "rendered", lineterm="",
                                         n=0)
             print("\n".join(list(diff)[:40]))
         else:
             path.write_text(text)
     for path in legacy:
-        print(f"left as is (JSON from an older reference.py): {path.relative_to(ROOT)}")
+        print(f"left as is (JSON from an older reference.py): {_rel(path)}")
     if args.check and stale:
         print(f"{len(stale)} file(s) differ from their JSON: "
-              f"{', '.join(str(s.relative_to(ROOT)) for s in stale)}; run python "
+              f"{', '.join(_rel(s) for s in stale)}; run python "
               "benchmarks/render_results.py", file=sys.stderr)
         return 1
     print(("up to date: " if not stale else "rewrote: ")
-          + ", ".join(str(s.relative_to(ROOT)) for s in (stale or files)))
+          + ", ".join(_rel(s) for s in (stale or files)))
     return 0
 
 
