@@ -74,7 +74,7 @@ def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
                                                                            "prediction"),
                            normalize=normalize)
     n_rows, n_cols = cm.shape
-    ax = _new_axes(ax, (1.5 + 0.45 * n_cols, 1.2 + 0.4 * n_rows))
+    ax = _new_axes(ax, (max(3.5, 1.5 + 0.45 * n_cols), max(3.0, 1.2 + 0.4 * n_rows)))
     values = cm.to_numpy(dtype=float)
     image = ax.imshow(values, cmap="Blues", aspect="auto", vmin=0,
                       vmax=1 if normalize else max(values.max(), 1))
@@ -191,7 +191,7 @@ def umap(adata, *, rep: str = "X_canal", color: Sequence[str] = ("canal",),
 
 def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
                  novel_types: Iterable[str] | str = (), bins: int = 40,
-                 ax: Axes | None = None) -> Axes:
+                 share: bool = False, ax: Axes | None = None) -> Axes:
     """Histogram of novelty scores, known vs novel cells, with the threshold used.
 
     Parameters
@@ -207,6 +207,9 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
         True labels the model has never seen.
     bins
         Histogram bins.
+    share
+        Plot each group's share of its own cells per bin instead of counts, so a handful of
+        novel cells stays visible beside thousands of known ones.
     ax
         Axes to draw into; a new figure by default.
 
@@ -222,14 +225,19 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
     novel = {novel_types} if isinstance(novel_types, str) else {str(t) for t in novel_types}
     ax = _new_axes(ax, (5.5, 3.8))
     edges = np.histogram_bin_edges(scores[ok], bins=bins)
+
+    def weights(m: np.ndarray):
+        return np.full(int(m.sum()), 1.0 / max(int(m.sum()), 1)) if share else None
+
     if truth is not None and novel:
         is_novel = _obs_column(adata, truth, "truth").astype(str).isin(novel).to_numpy()
-        ax.hist(scores[ok & ~is_novel], bins=edges, alpha=0.6, color="tab:blue",
-                label=f"known types (n={int((ok & ~is_novel).sum())})")
-        ax.hist(scores[ok & is_novel], bins=edges, alpha=0.6, color="tab:red",
-                label=f"novel: {', '.join(sorted(novel))} (n={int((ok & is_novel).sum())})")
+        known, nov = ok & ~is_novel, ok & is_novel
+        ax.hist(scores[known], bins=edges, alpha=0.6, color="tab:blue",
+                weights=weights(known), label=f"known types (n={int(known.sum())})")
+        ax.hist(scores[nov], bins=edges, alpha=0.6, color="tab:red", weights=weights(nov),
+                label=f"novel: {', '.join(sorted(novel))} (n={int(nov.sum())})")
     else:
-        ax.hist(scores[ok], bins=edges, color="tab:blue", alpha=0.7,
+        ax.hist(scores[ok], bins=edges, color="tab:blue", alpha=0.7, weights=weights(ok),
                 label=f"all cells (n={int(ok.sum())})")
     params = dict(adata.uns.get(key, {})).get("params", {})
     threshold = float(params.get("threshold", np.nan))
@@ -237,7 +245,7 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
         ax.axvline(threshold, color="black", linestyle="--",
                    label=f"threshold {threshold:.3f} ({params.get('novelty', '?')})")
     ax.set_xlabel(f"novelty score ({key}_novelty)")
-    ax.set_ylabel("cells")
+    ax.set_ylabel("share of the group's cells" if share else "cells")
     # below the axes: inside it the legend covered the bars
     ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18),
               ncols=2)

@@ -172,8 +172,10 @@ def _prediction_figures(adata, *, truth: str, key: str, novel_types: Sequence[st
                            caption=f"UMAP of {rep}, {shown} of {adata.n_obs} cells")
     scores = f"{key}_novelty"
     if "novelty" in drawn or (scores in adata.obs and adata.obs[scores].notna().any()):
+        # shares, not counts: a few novel cells stay visible beside many known ones
         fig = drawn.get("novelty") or pl.novelty_hist(adata, key=key, truth=truth,
-                                                      novel_types=novel_types).figure
+                                                      novel_types=novel_types,
+                                                      share=True).figure
         params = dict(dict(adata.uns.get(key, {})).get("params", {}))
         rule = params.get("novelty", "?")
         out["novelty"] = _img(fig, f"novelty scores: {name}",
