@@ -37,7 +37,9 @@ when ``Unassigned``, and known accuracy, unknown accuracy and H-score are added.
 Output (``--out``, default ``benchmarks/results``): one Markdown table per experiment printed
 and written to ``reference.md``; ``reference.json`` with every per-seed number, wall times and
 the machine; per-run canal folders under ``runs/``. The JSON is rewritten after every run, and
-``--resume`` skips the runs it already holds.
+``--resume`` skips the runs it already holds. Every run records the git commit it was made at;
+``--resume`` from another commit, and a table whose runs come from several commits, are refused
+unless ``--allow-mixed-commits`` is given (the table then says which commits it mixes).
 
 How to run
 ----------
@@ -516,13 +518,53 @@ def weights_info(init: str | None) -> dict[str, Any]:
     return out
 
 
-def write_report(out: Path, payload: dict[str, Any]) -> str:
-    """Write ``reference.json`` and ``reference.md``; return the Markdown."""
+def run_commit(run: dict[str, Any], payload: dict[str, Any]) -> str | None:
+    """The git commit a run was made at: its own record, else (runs written before commits
+    were recorded per run) the commit of the machine record that wrote the file."""
+    return run.get("git_commit") or payload.get("machine", {}).get("git_commit")
+
+
+class MixedCommitsError(ValueError):
+    """Runs of one table come from different git commits."""
+
+
+def check_commits(payload: dict[str, Any], *, allow_mixed: bool = False) -> dict[str, list[str]]:
+    """``{experiment: [commits]}`` of the (successful) runs; raises :class:`MixedCommitsError`
+    when one experiment's runs come from several commits and ``allow_mixed`` is false."""
+    commits: dict[str, list[str]] = {}
+    for r in payload["runs"]:
+        c = run_commit(r, payload) or "unknown"
+        commits.setdefault(r["experiment"], [])
+        if c not in commits[r["experiment"]]:
+            commits[r["experiment"]].append(c)
+    mixed = {e: c for e, c in commits.items() if len(c) > 1}
+    if mixed and not allow_mixed:
+        detail = "; ".join(f"{e}: {', '.join(x[:10] for x in c)}" for e, c in mixed.items())
+        raise MixedCommitsError(f"runs from different git commits in one table ({detail}); "
+                                "re-run them at one commit (another --out), or pass "
+                                "--allow-mixed-commits to mix them knowingly")
+    return commits
+
+
+def write_report(out: Path, payload: dict[str, Any], *, allow_mixed: bool = False) -> str:
+    """Write ``reference.json`` and ``reference.md``; return the Markdown.
+
+    Raises :class:`MixedCommitsError` (before writing anything) when one experiment's runs
+    come from different git commits, unless ``allow_mixed``.
+    """
     from canal.io import to_jsonable
 
+    text = render_markdown(payload, allow_mixed=allow_mixed)
+    (out / "reference.json").write_text(json.dumps(payload, indent=1, default=to_jsonable))
+    (out / "reference.md").write_text(text)
+    return text
+
+
+def render_markdown(payload: dict[str, Any], *, allow_mixed: bool = False) -> str:
+    """``reference.md`` of a ``reference.json`` payload (sets ``payload["summary"]``)."""
+    commits = check_commits(payload, allow_mixed=allow_mixed)
     runs = payload["runs"]
     payload["summary"] = summarize_runs(runs)
-    (out / "reference.json").write_text(json.dumps(payload, indent=1, default=to_jsonable))
     m = payload["machine"]
     a = payload["settings"]
     parts = [
@@ -558,11 +600,12 @@ def write_report(out: Path, payload: dict[str, Any]) -> str:
                   "experiment."]
     for exp, stats in payload["summary"].items():
         parts += ["", f"## {exp}", "", experiment_table(exp, runs, stats)]
+        if len(commits.get(exp, [])) > 1:
+            parts += ["", "**Mixed commits** (--allow-mixed-commits): "
+                      + ", ".join(c[:10] for c in commits[exp]) + "."]
     total = sum(r.get("seconds") or 0 for r in runs if r["method"] != CT_PROB)
     parts += ["", f"Total wall time of the runs: {total / 60:.1f} min.", ""]
-    text = "\n".join(parts)
-    (out / "reference.md").write_text(text)
-    return text
+    return "\n".join(parts)
 
 
 
@@ -613,6 +656,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plots", action="store_true", help="let run_stream draw its plots")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in OUT/reference.json and skip them")
+    p.add_argument("--allow-mixed-commits", action="store_true",
+                   help="with --resume: keep runs made at another git commit in the same "
+                        "tables (refused by default: a table compares one code version)")
     p.add_argument("--verbose", action="store_true", help="canal's and CellTypist's info logs")
     args = p.parse_args(argv)
     if args.quick and args.hour:
@@ -683,11 +729,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--resume: {out}/reference.json was made with other settings "
                   f"({', '.join(same)}); pass another --out", file=sys.stderr)
             return 2
-        runs = [r for r in old["runs"] if "error" not in r]
+        # runs written before commits were recorded per run: the commit that wrote the file
+        runs = [r | {"git_commit": run_commit(r, old)} for r in old["runs"] if "error" not in r]
+    machine = machine_info()
+    commit = machine.get("git_commit")
+    other = sorted({r["git_commit"] or "unknown" for r in runs} - {commit})
+    if other and not args.allow_mixed_commits:
+        print(f"--resume: {out}/reference.json holds runs made at git commit(s) "
+              f"{', '.join(c[:10] for c in other)}, this checkout is at "
+              f"{(commit or 'unknown')[:10]}; re-run them here (another --out), or pass "
+              "--allow-mixed-commits to mix commits in one table", file=sys.stderr)
+        return 2
+    settings["allow_mixed_commits"] = args.allow_mixed_commits
     payload = {"command": "python benchmarks/reference.py " + " ".join(sys.argv[1:] if argv
                                                                         is None else argv),
                "started": datetime.now(UTC).isoformat(timespec="seconds"), "finished": None,
-               "machine": machine_info(), "settings": settings, "runs": runs}
+               "machine": machine, "settings": settings, "runs": runs}
+    stamp = {"git_commit": commit, "git_dirty": machine.get("git_dirty")}
     done = {(r["experiment"], r["method"], r["seed"]) for r in runs}
     cfgs = [stream_config(exp, init=args.init) for exp in args.experiments]
     if args.max_cells is not None:
@@ -721,9 +779,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(err, file=sys.stderr)
                     new = [{"experiment": cfg.name, "method": method, "seed": seed,
                             "error": err, "seconds": time.perf_counter() - ts}]
-                runs += new
+                runs += [r | stamp for r in new]
                 _check_splits(runs, cfg.name, seed)
-                write_report(out, payload)
+                write_report(out, payload, allow_mixed=args.allow_mixed_commits)
                 for r in new:
                     accs = "; ".join(f"{t} acc {m['accuracy']:.3f}"
                                      for t, m in r.get("tests", {}).items())
@@ -731,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{'FAILED' if 'error' in r else accs} ({r['seconds']:.1f} s; total "
                           f"{(time.perf_counter() - t_all) / 60:.1f} min)", flush=True)
     payload["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    text = write_report(out, payload)
+    text = write_report(out, payload, allow_mixed=args.allow_mixed_commits)
     print()
     print(text)
     print(f"wrote {out / 'reference.md'} and {out / 'reference.json'}")

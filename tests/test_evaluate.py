@@ -76,6 +76,10 @@ def test_plots_return_figures_and_leave_adata_alone():
     ax = pl.novelty_hist(adata, truth="cell_type", novel_types=["c"])
     assert isinstance(ax, Axes)
     assert len(ax.patches) == 2 * 40  # two histograms of 40 bins
+    # share=True: each group's bars sum to 1 whatever its size
+    ax = pl.novelty_hist(adata, truth="cell_type", novel_types=["c"], share=True)
+    heights = np.array([p.get_height() for p in ax.patches]).reshape(2, 40)
+    np.testing.assert_allclose(heights.sum(axis=1), 1.0, rtol=1e-6)
     fig = pl.umap(adata, color=("canal", "cell_type"), n_neighbors=5)
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     # the same category has the same colour in both panels
@@ -132,7 +136,7 @@ def test_cli_predict_then_evaluate(data_root, tmp_path, capsys):
     assert report["metrics"]["h_score"] == pytest.approx(direct["h_score"])
     assert report["params"]["novelty"] == "calibrated"
     assert {p.name for p in out.iterdir()} == {"metrics.json", "confusion.png", "novelty.png",
-                                               "novelty_tradeoff.png"}
+                                               "novelty_tradeoff.png", "report.html"}
     # closed-set accuracy: the best known type of every cell of a known type
     truth = test.obs["cell_type"].astype(str).to_numpy()
     known = truth != NOVEL

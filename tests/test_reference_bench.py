@@ -111,6 +111,9 @@ def test_tiny_run_writes_report(reference, tmp_path, data_root, capsys, restore_
     payload = json.loads((out / "reference.json").read_text())
     methods = {r["method"] for r in payload["runs"]}
     assert methods == {"naive", "celltypist", "celltypist prob"}
+    # every run records the commit it was made at
+    assert {r["git_commit"] for r in payload["runs"]} == {payload["machine"]["git_commit"]}
+    assert len(payload["machine"]["git_commit"]) == 40
     counts = {tuple(r["n_train_cells"]) for r in payload["runs"]}
     assert len(counts) == 1  # CellTypist trained on the stream's own training split
     ct = next(r for r in payload["runs"] if r["method"] == "celltypist")
@@ -123,3 +126,43 @@ def test_tiny_run_writes_report(reference, tmp_path, data_root, capsys, restore_
     text = (out / "reference.md").read_text()
     assert "## tiny_reference" in text and "| naive (n=1) |" in text
     assert "## tiny_reference" in capsys.readouterr().out
+
+
+def _payload(commits):
+    test = {"accuracy": 0.8, "closed_accuracy": 0.9, "macro_f1": 0.7, "ari": 0.6,
+            "novel_types": []}
+    runs = [{"experiment": "x", "method": "canal", "seed": s, "seconds": 1.0,
+             "average_accuracy": 0.9, "backward_transfer": 0.0, "tests": {"t": test},
+             **({"git_commit": c} if c else {})} for s, c in enumerate(commits)]
+    return {"command": "reference.py", "started": "now", "finished": "now",
+            "machine": {"platform": "p", "cpus_available": 2, "cpu_count": 2, "torch": "t",
+                        "torch_threads": 2, "cuda": False, "git_commit": "a" * 40,
+                        "versions": {"celltypist": "1", "scikit-learn": "1"}},
+            "settings": {"weights": {"init": "random"}, "epochs": 1, "seeds": [0, 1],
+                         "max_cells": None, "celltypist_genes": "train", "p_thres": 0.5},
+            "runs": runs}
+
+
+def test_tables_refuse_mixed_commits(reference):
+    # runs without their own commit (older files) take the file's machine commit
+    assert reference.check_commits(_payload([None, "a" * 40])) == {"x": ["a" * 40]}
+    mixed = _payload(["a" * 40, "b" * 40])
+    with pytest.raises(reference.MixedCommitsError,
+                       match=r"x: aaaaaaaaaa, bbbbbbbbbb.*--allow-mixed-commits"):
+        reference.render_markdown(mixed)
+    text = reference.render_markdown(mixed, allow_mixed=True)
+    assert "**Mixed commits** (--allow-mixed-commits): aaaaaaaaaa, bbbbbbbbbb." in text
+
+
+def test_resume_refuses_runs_of_another_commit(reference, tmp_path, capsys, restore_globals):
+    payload = _payload(["0" * 40])
+    payload["settings"] |= {"weights": reference.weights_info("random"), "epochs": 1,
+                            "celltypist_max_iter": None}
+    (tmp_path / "reference.json").write_text(json.dumps(payload))
+    args = ["--experiments", "pancreas", "--strategies", "naive", "--init", "random",
+            "--epochs", "1", "--seeds", "0", "--threads", "1", "--out", str(tmp_path),
+            "--resume"]
+    assert reference.main(args) == 2
+    err = capsys.readouterr().err
+    assert "runs made at git commit(s) 0000000000" in err and "--allow-mixed-commits" in err
+    assert json.loads((tmp_path / "reference.json").read_text()) == payload  # untouched

@@ -232,7 +232,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
                      seed=args.seed, epochs=args.epochs, test_every_stage=not args.tests_last)
     print(f"\n{res['name']} ({res['strategy']}, seed {res['seed']}, {res['seconds']:.0f}s)")
     print(format_table(res))
-    print(f"results, tables and plots in {out}/")
+    print(f"results, tables and plots in {out}/; the report: {res['report']}")
     return 0
 
 
@@ -250,6 +250,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(format_table(res))
         print(f"plots, tables and the final model (canal predict --model {out / name / 'model'}): "
               f"{out / name}/\n")
+    for name in names:
+        print(f"report of the {name} run: {out / name / 'report.html'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from canal import report
+
+    page = report.write_report(args.run, umap_cells=args.umap_cells)
+    print(f"report written to {page}")
     return 0
 
 
@@ -326,9 +336,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if p_key in adata.obs and adata.obs[p_key].notna().any():
         plots["novelty_tradeoff.png"] = lambda: pl.novelty_tradeoff(
             adata, key=args.key, truth=args.truth, novel_types=novel).figure
-    for name, make in plots.items():
-        io.save_figure(make(), out / name, dpi=120)
-    print(f"metrics.json and {', '.join(plots)} written to {out}")
+    figures = {name: make() for name, make in plots.items()}
+    for name, fig in figures.items():
+        io.save_figure(fig, out / name, dpi=120)
+    from canal import report
+
+    page = report.write_prediction_report(
+        adata, out / report.REPORT, truth=args.truth, key=args.key, novel_types=novel,
+        scores=scores, title=Path(args.pred).name, umap_cells=args.umap_cells,
+        figures={k.removesuffix(".png"): f for k, f in figures.items()})
+    print(f"metrics.json and {', '.join(plots)} written to {out}; the page: {page}")
     return 0
 
 
@@ -495,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(alpha withheld) and report its H-score")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("report", help="(re)write report.html of a canal stream output folder")
+    p.add_argument("run", help="the output folder of canal stream (holds results.json)")
+    p.add_argument("--umap-cells", type=int, default=5000,
+                   help="UMAP of at most this many cells per test set (0: no UMAP)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("info", help="describe a checkpoint (default: the shipped weights)")
     p.add_argument("model", nargs="?", default=None)

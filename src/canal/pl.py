@@ -46,7 +46,7 @@ def _obs_column(adata, col: str, what: str) -> pd.Series:
 
 def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
               normalize: Literal["true", "pred", "all"] | None = "true",
-              ax: Axes | None = None) -> Axes:
+              label_min: float | None = None, ax: Axes | None = None) -> Axes:
     """Heatmap of the confusion matrix (rows: true types, columns: predicted, ``Unassigned`` last).
 
     Parameters
@@ -59,6 +59,10 @@ def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
         ``adata.obs`` column of predictions (``key_added`` of ``predict``).
     normalize
         As in :func:`canal.metrics.confusion`; ``"true"`` shows the share of each true type.
+    label_min
+        Write the value into cells of at least this value (normalised matrices; default
+        0.005, so no cell reads "0.00", and 0.05 above 15 types, where small numbers would
+        crowd the matrix).
     ax
         Axes to draw into; a new figure by default.
 
@@ -70,7 +74,7 @@ def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
                                                                            "prediction"),
                            normalize=normalize)
     n_rows, n_cols = cm.shape
-    ax = _new_axes(ax, (1.5 + 0.45 * n_cols, 1.2 + 0.4 * n_rows))
+    ax = _new_axes(ax, (max(3.5, 1.5 + 0.45 * n_cols), max(3.0, 1.2 + 0.4 * n_rows)))
     values = cm.to_numpy(dtype=float)
     image = ax.imshow(values, cmap="Blues", aspect="auto", vmin=0,
                       vmax=1 if normalize else max(values.max(), 1))
@@ -79,10 +83,13 @@ def confusion(adata, *, truth: str = "cell_type", key: str = "canal",
     ax.set_xlabel(f"predicted ({key})")
     ax.set_ylabel(f"true ({truth})")
     top = values.max() if values.size else 0
+    if label_min is None:
+        label_min = 0.05 if max(n_rows, n_cols) > 15 else 0.005
+    floor = label_min if normalize else 1
     for i in range(n_rows):
         for j in range(n_cols):
             v = values[i, j]
-            if v == 0:
+            if v == 0 or v < floor:
                 continue
             text = f"{v:.2f}" if normalize else f"{int(v)}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7,
@@ -98,8 +105,13 @@ def _palette(categories: Sequence[str]) -> dict[str, str]:
     from matplotlib.colors import to_hex
 
     named = [c for c in categories if c != UNASSIGNED]
-    cmap = colormaps["tab20" if len(named) > 10 else "tab10"]
-    colors = {c: to_hex(cmap(i % cmap.N)) for i, c in enumerate(named)}
+    if len(named) <= 20:
+        cmap = colormaps["tab20" if len(named) > 10 else "tab10"]
+        palette = [to_hex(cmap(i)) for i in range(cmap.N)]
+    else:  # distinct colours up to 60 types (tab20 repeated colours above 20)
+        palette = [to_hex(colormaps[name](i)) for name in ("tab20", "tab20b", "tab20c")
+                   for i in range(20)]
+    colors = {c: palette[i % len(palette)] for i, c in enumerate(named)}
     colors[UNASSIGNED] = _UNASSIGNED_COLOR
     return colors
 
@@ -179,7 +191,7 @@ def umap(adata, *, rep: str = "X_canal", color: Sequence[str] = ("canal",),
 
 def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
                  novel_types: Iterable[str] | str = (), bins: int = 40,
-                 ax: Axes | None = None) -> Axes:
+                 share: bool = False, ax: Axes | None = None) -> Axes:
     """Histogram of novelty scores, known vs novel cells, with the threshold used.
 
     Parameters
@@ -195,6 +207,9 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
         True labels the model has never seen.
     bins
         Histogram bins.
+    share
+        Plot each group's share of its own cells per bin instead of counts, so a handful of
+        novel cells stays visible beside thousands of known ones.
     ax
         Axes to draw into; a new figure by default.
 
@@ -210,14 +225,19 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
     novel = {novel_types} if isinstance(novel_types, str) else {str(t) for t in novel_types}
     ax = _new_axes(ax, (5.5, 3.8))
     edges = np.histogram_bin_edges(scores[ok], bins=bins)
+
+    def weights(m: np.ndarray):
+        return np.full(int(m.sum()), 1.0 / max(int(m.sum()), 1)) if share else None
+
     if truth is not None and novel:
         is_novel = _obs_column(adata, truth, "truth").astype(str).isin(novel).to_numpy()
-        ax.hist(scores[ok & ~is_novel], bins=edges, alpha=0.6, color="tab:blue",
-                label=f"known types (n={int((ok & ~is_novel).sum())})")
-        ax.hist(scores[ok & is_novel], bins=edges, alpha=0.6, color="tab:red",
-                label=f"novel: {', '.join(sorted(novel))} (n={int((ok & is_novel).sum())})")
+        known, nov = ok & ~is_novel, ok & is_novel
+        ax.hist(scores[known], bins=edges, alpha=0.6, color="tab:blue",
+                weights=weights(known), label=f"known types (n={int(known.sum())})")
+        ax.hist(scores[nov], bins=edges, alpha=0.6, color="tab:red", weights=weights(nov),
+                label=f"novel: {', '.join(sorted(novel))} (n={int(nov.sum())})")
     else:
-        ax.hist(scores[ok], bins=edges, color="tab:blue", alpha=0.7,
+        ax.hist(scores[ok], bins=edges, color="tab:blue", alpha=0.7, weights=weights(ok),
                 label=f"all cells (n={int(ok.sum())})")
     params = dict(adata.uns.get(key, {})).get("params", {})
     threshold = float(params.get("threshold", np.nan))
@@ -225,8 +245,10 @@ def novelty_hist(adata, *, key: str = "canal", truth: str | None = None,
         ax.axvline(threshold, color="black", linestyle="--",
                    label=f"threshold {threshold:.3f} ({params.get('novelty', '?')})")
     ax.set_xlabel(f"novelty score ({key}_novelty)")
-    ax.set_ylabel("cells")
-    ax.legend(fontsize=7, frameon=False)
+    ax.set_ylabel("share of the group's cells" if share else "cells")
+    # below the axes: inside it the legend covered the bars
+    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+              ncols=2)
     return ax
 
 

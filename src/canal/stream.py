@@ -116,17 +116,20 @@ def _novelty_metrics(truth: np.ndarray, pred: np.ndarray, types: list[str]) -> d
 
 
 def _evaluate(model: Annotator, adata, spec: DataSpec, *, novelty: str) -> dict[str, Any]:
+    """Metrics of the test set ``adata``; its predictions are written into it (``obs["canal"]``,
+    ``obsm["X_canal"]``, ...: the run's own copy), for :func:`_save_predictions`."""
     match = spec.match(model.match)
-    res = model.predict(adata, novelty=novelty, inplace=False, match=match)
+    model.predict(adata, novelty=novelty, inplace=True, match=match)
     truth = adata.obs[spec.labels_key].astype(str).to_numpy()
     types = list(model.cell_types)
-    out = _novelty_metrics(truth, res["canal"].astype(str).to_numpy(), types)
+    out = _novelty_metrics(truth, adata.obs["canal"].astype(str).to_numpy(), types)
     out["novelty"] = novelty
     # closed-set read-out from the same pass: the most probable known type, novelty ignored,
     # on the cells whose true type the model knows
     known = np.isin(truth, types)
     if known.any() and types:
-        closed = np.asarray(types)[res[types].to_numpy().argmax(axis=1)]
+        probs = adata.obsm["canal_probabilities"][types].to_numpy()
+        closed = np.asarray(types)[probs.argmax(axis=1)]
         out["closed_accuracy"] = metrics.accuracy(truth[known], closed[known])
     if novelty != "mixup" and adata.n_obs >= 2:
         # CANAL's own (transductive) rule on the same cells, for comparison
@@ -142,7 +145,9 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
                root: str | Path | None = None, strategy: str | None = None,
                seed: int = 0, epochs: int | None = None, plots: bool = True,
                save_model: bool = True, test_every_stage: bool = True) -> dict[str, Any]:
-    """Run a stream; write ``results.json``, CSV tables, plots and the final model to ``out_dir``.
+    """Run a stream; write ``results.json``, CSV tables, plots, ``report.html`` (see
+    :mod:`canal.report`), each test set's final predictions (``predictions/*.h5ad``: obs calls
+    and scores, ``obsm["X_canal"]``, no expression) and the final model to ``out_dir``.
 
     Parameters
     ----------
@@ -156,7 +161,7 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     strategy, seed, epochs
         Override the config's ``[train]`` strategy, the seed and the epochs.
     plots
-        Write the PNG plots.
+        Write the PNG plots and the self-contained ``report.html``.
     test_every_stage
         Annotate the test sets after every stage (their accuracy over the stream); ``False``
         annotates them after the last stage only, which is all the final table needs. The
@@ -198,8 +203,10 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
         model.fit_stage(adata, labels_key=spec.labels_key, config=stage_config,
                         match=spec.match(model.match))
         h = model.history[-1]
+        counts = adata.obs[spec.labels_key].astype(str).value_counts()
         stage_info.append({"stage": t, "name": spec.name, "n_cells": adata.n_obs,
                            "new_types": h["new_types"], "seconds": time.perf_counter() - ts,
+                           "type_counts": {str(k): int(v) for k, v in counts.items()},
                            "epochs_run": h["epochs_run"],
                            "train_cells_per_second": h["train_cells_per_second"]})
         for j, hold in enumerate(stage_hold, start=1):
@@ -234,16 +241,50 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     if save_model:
         model.save(out / "model")
         results["model"] = str(out / "model")
+    results["predictions"] = _save_predictions(tests, out)
     io.write_text(out / "results.json", json.dumps(results, indent=2, default=io.to_jsonable))
     if len(R):
         io.write_csv(R, out / "accuracy_matrix.csv")
     table = pd.DataFrame(records)
     for name, sub in table.groupby("test", sort=False):
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-        io.write_csv(sub.drop(columns=["test"]), out / f"test_{safe}.csv", index=False)
+        io.write_csv(sub.drop(columns=["test"]), out / f"test_{_safe(name)}.csv", index=False)
     if plots:
         _plots(results, R, table, out)
+        from canal import report
+
+        results["report"] = str(report.write_report(out))
     return results
+
+
+#: Folder of a stream run's saved test-set predictions (after the last stage).
+PREDICTIONS = "predictions"
+
+
+def _save_predictions(tests: list, out: Path) -> dict[str, dict[str, str]]:
+    """Write each test set's final predictions (no expression: obs, ``X_canal``, params) to
+    ``out/predictions/<test>.h5ad``; returns ``{test: {"file": relative path, "truth": obs
+    column}}`` for ``results.json``."""
+    import anndata as ad
+
+    saved = {}
+    for spec, adata in tests:
+        if "canal" not in adata.obs:
+            continue
+        cols = [spec.labels_key] + [c for c in adata.obs.columns if c.startswith("canal")]
+        light = ad.AnnData(obs=adata.obs[cols].copy(),
+                           obsm={k: adata.obsm[k] for k in ("X_canal", "canal_probabilities")
+                                 if k in adata.obsm},
+                           uns={k: adata.uns[k] for k in ("canal", "canal_colors")
+                                if k in adata.uns})
+        rel = Path(PREDICTIONS) / f"test_{_safe(spec.name)}.h5ad"
+        (out / PREDICTIONS).mkdir(exist_ok=True)
+        io.write_h5ad(light, out / rel)
+        saved[spec.name] = {"file": rel.as_posix(), "truth": spec.labels_key}
+    return saved
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def _plots(results: dict, R: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:

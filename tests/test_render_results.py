@@ -1,0 +1,61 @@
+"""benchmarks/render_results.py: the README's results tables are the JSON's numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "render_results.py"
+
+
+@pytest.fixture(scope="module")
+def render():
+    spec = importlib.util.spec_from_file_location("render_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_results_match_their_json(render):
+    text = render.README.read_text()
+    names = [m.group("name") for m in render.MARKER.finditer(text)]
+    # every generated table is marked in the README, once
+    assert sorted(names) == sorted([*render.TABLES, *render.CUSTOM])
+    assert render.render_readme(text) == text, "run python benchmarks/render_results.py"
+
+
+def test_results_md_match_their_json(render):
+    files, _ = render.render_result_files()
+    assert render.RESULTS / "reference_hour.md" in files
+    for path, text in files.items():
+        assert path.read_text() == text, path
+
+
+def test_a_typed_number_is_caught(render, capsys):
+    text = render.README.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| naive fine-tuning |"))
+    edited = text.replace(row, row.replace("0.", "0.9", 1), 1)
+    assert render.render_readme(edited) == text  # rendering puts the JSON's number back
+    with pytest.raises(KeyError, match="known:"):
+        render.render_readme(text.replace("results:begin reference_hour/immune",
+                                          "results:begin reference_hour/typo"))
+    with pytest.raises(ValueError, match="no <!-- results:begin"):
+        render.render_readme("no markers")
+
+
+def test_check_exits_nonzero_when_readme_differs(render, tmp_path, monkeypatch, capsys):
+    readme = tmp_path / "README.md"
+    text = render.README.read_text()
+    readme.write_text(text.replace("| 0.697 ± 0.053 |", "| 0.700 ± 0.053 |", 1))
+    monkeypatch.setattr(render, "README", readme)
+    monkeypatch.setattr(render, "render_result_files", lambda **kw: ({}, []))
+    assert render.main(["--check"]) == 1
+    out = capsys.readouterr()
+    assert "-| canal (replay + distillation) | 0.700" in out.out and "README.md" in out.err
+    assert readme.read_text() != text  # --check writes nothing
+    assert render.main([]) == 0 and readme.read_text() == text
+    assert render.main(["--check"]) == 0
