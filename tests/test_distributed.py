@@ -137,6 +137,13 @@ def test_two_ranks_agree_and_ddp_averages_gradients(stage_files, tmp_path):
         assert c["broadcast"] == {"from": 0} and c["on_main"] == 0
         assert c["wrapped"]
         np.testing.assert_allclose(c["grad"], c["grad_full_batch"], rtol=1e-5, atol=1e-6)
+    assert [r["collectives"]["block"] for r in ranks] == [[0, 6], [6, 11]]
+    for res in ranks:
+        assert res["collectives"]["gathered_blocks"] == [float(i) for i in range(11)]
+    assert [r["collectives"]["agree"] for r in ranks] == [0, 10]
+    assert ranks[1]["collectives"]["agree_error"] == "ValueError: cell 7 has no counts"
+    assert ranks[0]["collectives"]["agree_error"] == \
+        "RuntimeError: rank 1 failed: ValueError: cell 7 has no counts"
     assert ranks[0]["collectives"]["on_main_error"] == "ValueError: disk full"
     assert ranks[1]["collectives"]["on_main_error"] == \
         "RuntimeError: rank 0 failed: ValueError: disk full"
