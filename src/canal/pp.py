@@ -370,7 +370,7 @@ def log_normalize(adata, *, layer: str | None = None) -> sp.csr_matrix:
 
 def _iter_blocks(adata, *, layer: str | None, chunk_size: int = 4096,
                  cells: slice | None = None) -> Iterator[tuple[sp.csr_matrix, int]]:
-    first, last, _ = (cells or slice(None)).indices(adata.n_obs)
+    first, last, _ = (slice(None) if cells is None else cells).indices(adata.n_obs)
     for start in range(first, last, chunk_size):
         block = _rows(adata, start, min(start + chunk_size, last), layer)
         _check_block(block, start)
