@@ -22,7 +22,8 @@
    shows its progress bar (cells/s, time left) on stderr. Each process is started by a small
    launcher process that reports its peak resident memory (``ru_maxrss`` of the waited child: a
    child started straight from this script would inherit this script's high-water mark, which
-   holds the training data; the launcher's own is ~20 MB).
+   holds the training data; the launcher's own is ~20 MB). Under ``--nproc N`` it is the peak
+   of the largest single process (``ru_maxrss`` of the waited descendants is their maximum).
 
 Printed and written to ``--results`` (default benchmarks/results/atlas.json): wall seconds,
 cells/s end to end and from the slope (large minus small file), peak RSS (goal: under 4 GB for
