@@ -38,6 +38,23 @@ def _collectives() -> dict:
     except (ValueError, RuntimeError) as err:
         out["on_main_error"] = f"{type(err).__name__}: {err}"
 
+    # sharded inference: contiguous blocks gathered back in order; a failure on one rank only
+    rows = distributed.block(11, multiple=2)
+    out["block"] = [rows.start, rows.stop]
+    out["gathered_blocks"] = distributed.gather_blocks(torch.arange(11.0)[rows]).tolist()
+
+    def fail_on_rank_1() -> str:
+        if distributed.rank() == 1:
+            raise ValueError("cell 7 has no counts")
+        return "ok"
+
+    try:
+        distributed.agree(fail_on_rank_1)
+        out["agree_error"] = None
+    except (ValueError, RuntimeError) as err:
+        out["agree_error"] = f"{type(err).__name__}: {err}"
+    out["agree"] = distributed.agree(lambda: distributed.rank() * 10)
+
     # DDP averages gradients: each rank's half-batch mean loss == the full batch's mean loss
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)

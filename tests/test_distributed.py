@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -76,6 +77,21 @@ def test_shard_in_one_process_and_errors():
         distributed.shard(cells, seed=0, rank=2, world_size=2)
 
 
+@pytest.mark.parametrize(("n", "multiple", "world"),
+                         [(240, 48, 2), (241, 48, 2), (240, 1, 3), (10, 64, 3), (0, 8, 2)])
+def test_block_cuts_contiguous_whole_batches(n, multiple, world):
+    blocks = [distributed.block(n, multiple=multiple, rank=r, world_size=world)
+              for r in range(world)]
+    rows = np.concatenate([np.arange(n)[b] for b in blocks])
+    assert rows.tolist() == list(range(n))  # in rank order, each cell once
+    assert all(b.start % multiple == 0 for b in blocks)  # single-process batch boundaries
+    sizes = [b.stop - b.start for b in blocks]
+    assert max(sizes) - min(sizes) <= multiple
+    assert distributed.block(n, multiple=multiple) == slice(0, n)  # one process: everything
+    with pytest.raises(ValueError, match="outside world size"):
+        distributed.block(n, rank=world, world_size=world)
+
+
 def test_helpers_without_a_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not distributed.launched() and not distributed.active()
@@ -93,6 +109,11 @@ def test_helpers_without_a_process_group(monkeypatch):
     assert distributed.wrap(net) is net and distributed.unwrap(net) is net
     assert distributed.on_main(lambda a, *, b: a + b, 1, b=2) == 3
     assert distributed.broadcast_object({"x": 1}) == {"x": 1}
+    assert distributed.gather_blocks(rows) is rows
+    assert distributed.agree(lambda a: a * 2, 4) == 8
+    with pytest.raises(KeyError):
+        distributed.agree(dict().__getitem__, "x")
+    assert distributed.local_device(torch.device("cuda")) == torch.device("cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +137,13 @@ def test_two_ranks_agree_and_ddp_averages_gradients(stage_files, tmp_path):
         assert c["broadcast"] == {"from": 0} and c["on_main"] == 0
         assert c["wrapped"]
         np.testing.assert_allclose(c["grad"], c["grad_full_batch"], rtol=1e-5, atol=1e-6)
+    assert [r["collectives"]["block"] for r in ranks] == [[0, 6], [6, 11]]
+    for res in ranks:
+        assert res["collectives"]["gathered_blocks"] == [float(i) for i in range(11)]
+    assert [r["collectives"]["agree"] for r in ranks] == [0, 10]
+    assert ranks[1]["collectives"]["agree_error"] == "ValueError: cell 7 has no counts"
+    assert ranks[0]["collectives"]["agree_error"] == \
+        "RuntimeError: rank 1 failed: ValueError: cell 7 has no counts"
     assert ranks[0]["collectives"]["on_main_error"] == "ValueError: disk full"
     assert ranks[1]["collectives"]["on_main_error"] == \
         "RuntimeError: rank 0 failed: ValueError: disk full"
@@ -167,7 +195,7 @@ def test_torchrun_fit_matches_single_process(stage_files, tmp_path):
 
 def test_cli_refuses_commands_that_are_not_data_parallel(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code = main(["predict", "--model", str(tmp_path), "--data", "x.h5ad", "--out", "y.h5ad"])
+    code = main(["evaluate", "--pred", str(tmp_path / "x.h5ad"), "--truth", "cell_type"])
     assert code == 2
     assert "without torchrun" in capsys.readouterr().err
 
@@ -192,3 +220,100 @@ def test_torchrun_pretrain(stage_files, tmp_path):
     moved = model.net.state_dict()
     assert not torch.equal(start["performer.net.layers.0.0.fn.to_q.weight"],
                            moved["performer.net.layers.0.0.fn.to_q.weight"])
+
+
+# --------------------------------------------------------------------------------------------
+# sharded prediction and embedding: torchrun output == single-process output
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_model(stage_files, tmp_path_factory):
+    """The tiny checkpoint after one quick stage on the 240 cells (types + calibration)."""
+    from canal.train import StageConfig
+
+    _, init, cells = stage_files
+    model = Annotator.from_pretrained(init)
+    model.fit_stage(cells, config=StageConfig(epochs=4, lr=1e-2, bank_size=40, seed=0))
+    return model.save(tmp_path_factory.mktemp("ddp_trained") / "model")
+
+
+def _assert_same_h5ad(path, ref_path, key: str = "canal") -> None:
+    """Two output files hold the same cells, calls and outputs (floats to 1e-5)."""
+    import anndata as ad
+
+    out, ref = ad.read_h5ad(path), ad.read_h5ad(ref_path)
+    assert out.obs_names.tolist() == ref.obs_names.tolist()
+    assert list(out.obs.columns) == list(ref.obs.columns)
+    for col in ref.obs.columns:
+        a, b = out.obs[col], ref.obs[col]
+        if isinstance(b.dtype, pd.CategoricalDtype):
+            assert a.tolist() == b.tolist(), col
+            assert a.cat.categories.tolist() == b.cat.categories.tolist(), col
+        elif b.dtype == object:
+            assert a.tolist() == b.tolist(), col
+        else:
+            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True, err_msg=col)
+    assert sorted(out.obsm) == sorted(ref.obsm)
+    for k in ref.obsm:
+        a, b = out.obsm[k], ref.obsm[k]
+        if hasattr(b, "columns"):
+            assert list(a.columns) == list(b.columns)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                   err_msg=k)
+    assert sorted(out.uns) == sorted(ref.uns)
+    if key in ref.uns:
+        pa, pb = dict(out.uns[key]["params"]), dict(ref.uns[key]["params"])
+        assert sorted(pa) == sorted(pb)
+        for k, v in pb.items():
+            if isinstance(v, float) and np.isnan(v):
+                assert np.isnan(pa[k]), k
+            else:
+                assert pa[k] == v, k
+    assert (out.X != ref.X).nnz == 0  # the cells themselves are written through
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize(("novelty", "groupby"), [("calibrated", "auto"), ("mixup", None)])
+def test_torchrun_predict_matches_single_process(stage_files, trained_model, tmp_path,
+                                                 novelty, groupby):
+    data, _, cells = stage_files
+    # 240 cells in batches of 48: 5 batches, 2 on rank 0 and 3 on rank 1
+    args = ["--quiet", "predict", "--model", str(trained_model), "--data", str(data),
+            "--novelty", novelty, "--batch-size", "48"]
+    if groupby:
+        args += ["--groupby", groupby]
+    proc = _torchrun("-m", "canal", *args, "--out", str(tmp_path / "ddp.h5ad"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("cells annotated on 2 processes") == 1  # rank 0 reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.h5ad"]  # rank 0 writes, once
+    assert main([*args, "--out", str(tmp_path / "one.h5ad")]) == 0
+    _assert_same_h5ad(tmp_path / "ddp.h5ad", tmp_path / "one.h5ad")
+    import anndata as ad
+
+    pred = ad.read_h5ad(tmp_path / "ddp.h5ad")
+    assert pred.n_obs == cells.n_obs and pred.obsm["X_canal"].shape == (cells.n_obs, TINY.rep_dim)
+    assert pred.uns["canal"]["params"]["novelty"] == novelty
+    # a real prediction: several types called, not every cell Unassigned
+    assert pred.obs["canal_closed"].nunique() > 1
+    assert (pred.obs["canal"] != "Unassigned").sum() > 0
+
+
+@pytest.mark.torchrun
+def test_torchrun_embed_matches_single_process(stage_files, trained_model, tmp_path):
+    data, _, cells = stage_files
+    args = ["--quiet", "embed", "--model", str(trained_model), "--data", str(data),
+            "--batch-size", "32"]
+    proc = _torchrun("-m", "canal", *args, "--out", str(tmp_path / "ddp.h5ad"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("embedding written") == 1
+    assert main([*args, "--out", str(tmp_path / "one.h5ad")]) == 0
+    _assert_same_h5ad(tmp_path / "ddp.h5ad", tmp_path / "one.h5ad")
+    # embed and predict give every cell the same representation
+    ref = cells.copy()
+    Annotator.from_pretrained(trained_model).predict(ref)
+    import anndata as ad
+
+    emb = ad.read_h5ad(tmp_path / "ddp.h5ad").obsm["X_canal"]
+    np.testing.assert_allclose(emb, ref.obsm["X_canal"], rtol=1e-5, atol=1e-6)

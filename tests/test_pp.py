@@ -261,3 +261,19 @@ def test_uns_log1p_base_decides_and_undecidable_is_refused(seger):
     assert pp.detect_scale(logged).base == 2
     with pytest.raises(ValueError, match="must exceed 1"):
         pp.detect_scale(ad.AnnData(logged.X, uns={"log1p": {"base": 0.5}}))
+
+
+def test_iter_panel_blocks_streams_a_row_range_as_the_full_pass_reads_it(baron, panel, tmp_path):
+    """A block of rows (as one rank of a sharded prediction reads it) equals those rows of the
+    full pass, backed or in memory."""
+    cells = baron[:700].copy()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    for data in (cells, ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")):
+        full = sp.vstack(list(pp.iter_panel_blocks(data, panel, chunk_size=128)), format="csr")
+        part = sp.vstack(list(pp.iter_panel_blocks(data, panel, chunk_size=128,
+                                                   cells=slice(250, 611))), format="csr")
+        assert part.shape == (361, len(panel))
+        assert (part != full[250:611]).nnz == 0
+        assert list(pp.iter_panel_blocks(data, panel, cells=slice(700, 700))) == []
+        with pytest.raises(ValueError, match="contiguous slice"):
+            next(pp.iter_panel_blocks(data, panel, cells=slice(0, 10, 2)))

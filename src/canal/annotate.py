@@ -18,6 +18,13 @@ Novel cells (``Unassigned``) are called by one of three rules (:mod:`canal.novel
 
 Optionally (``groups``), calls are made per cluster: a cluster is novel when most of its cells
 are, and known cells take their cluster's majority type (CellTypist's majority voting).
+
+Inside a process group (``torchrun``; :mod:`canal.distributed`) the forward pass is sharded:
+each rank streams a contiguous block of the file's rows (whole batches, so exactly the batches
+one process would run) on its own device, and the representations and logits are gathered in
+cell order on every rank. Everything after the forward pass (novelty scores, p-values, mixup
+threshold, cluster votes) runs on the gathered outputs, so each rank's result is the
+single-process result; ``groups="auto"`` clustering runs on rank 0 and is broadcast.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from canal import distributed, pp
 from canal import novelty as nov
-from canal import pp
+from canal._settings import settings
 from canal.data import Batch
 from canal.metrics import UNASSIGNED
+from canal.nn import CellOutput
 from canal.runtime import (
     BATCH_SIZE,
     Precision,
@@ -48,11 +57,12 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-    from canal.nn import CanalNet, CellOutput
+    from canal.nn import CanalNet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Annotation", "annotate", "output_keys", "results_frame", "write_results"]
+__all__ = ["Annotation", "annotate", "output_keys", "represent", "results_frame",
+           "write_results"]
 
 Novelty = Literal["calibrated", "mixup", "none"]
 #: Former name of ``"mixup"`` (still accepted).
@@ -78,6 +88,44 @@ def panel_batches(blocks: Iterable[sp.csr_matrix], batch_size: int, *,
         for start in range(0, block.shape[0], batch_size):
             tokens = pp.bin_tokens(block[start:start + batch_size])
             yield Batch(tokens, None if present is None else present.expand(len(tokens), -1))
+
+
+def represent(net: CanalNet, adata, genes: Sequence[str], *,
+              alignment: pp.GeneAlignment, match: pp.GeneMatch, share: float = 1.0,
+              batch_size: int = BATCH_SIZE, precision: Precision = "fp32",
+              device: str | torch.device | None = None,
+              progress: str | None = None) -> CellOutput:
+    """Representations and logits of every cell of ``adata``, streamed from the file.
+
+    Reads ``_CHUNK_CELLS`` rows at a time on the panel (backed AnnData stays on disk), bins a
+    batch at a time and runs :func:`canal.runtime.forward_cells`. In a process group each
+    rank runs its :func:`canal.distributed.block` of rows on :func:`canal.distributed.
+    local_device` and the outputs are gathered in cell order on every rank (a failure on one
+    rank is raised on all); the progress bar (rank 0's block) is shown by rank 0 only.
+
+    Returns
+    -------
+    :class:`~canal.nn.CellOutput`, float32 CPU tensors with one row per cell of ``adata``.
+    """
+    cells = distributed.block(adata.n_obs, multiple=batch_size)
+    chunk = batch_size * max(1, _CHUNK_CELLS // batch_size)
+    dev = distributed.local_device(settings.torch_device(device))
+    if distributed.active() and progress is not None:
+        progress = f"{progress} (rank 0 of {distributed.world_size()})" \
+            if distributed.is_main() else None
+
+    def run() -> CellOutput:
+        blocks = pp.iter_panel_blocks(adata, genes, match=match, chunk_size=chunk,
+                                      alignment=alignment, share=share, cells=cells)
+        return forward_cells(net, panel_batches(blocks, batch_size, measured=alignment.measured),
+                             n_cells=cells.stop - cells.start, precision=precision, device=dev,
+                             progress=progress)
+
+    out = distributed.agree(run)
+    if not distributed.active():
+        return out
+    return CellOutput(distributed.gather_blocks(out.representation),
+                      distributed.gather_blocks(out.logits))
 
 
 def _classifier(net: CanalNet):
@@ -285,12 +333,9 @@ def annotate(
                          "in the training labels")
     alignment = match.align(adata, genes)
     share = pp.reference_share(alignment, shares)
-    chunk = batch_size * max(1, _CHUNK_CELLS // batch_size)
-    blocks = pp.iter_panel_blocks(adata, genes, match=match, chunk_size=chunk,
-                                  alignment=alignment, share=share)
-    outputs = forward_cells(net, panel_batches(blocks, batch_size, measured=alignment.measured),
-                            n_cells=adata.n_obs, precision=precision, device=device,
-                            progress="canal predict")
+    outputs = represent(net, adata, genes, alignment=alignment, match=match, share=share,
+                        batch_size=batch_size, precision=precision, device=device,
+                        progress="canal predict")
 
     probs = torch.softmax(outputs.logits, dim=1)
     confidence, closed = probs.max(dim=1)
@@ -309,8 +354,9 @@ def annotate(
                                                       calibration=calibration,
                                                       reference=reference, fpr=fpr)
     codes = closed.copy()
-    if isinstance(groups, str):
-        groups = nov.neighbour_groups(outputs.representation.numpy(), seed=seed)
+    if isinstance(groups, str):  # transductive and costly: once, on rank 0
+        groups = distributed.on_main(nov.neighbour_groups, outputs.representation.numpy(),
+                                     seed=seed)
     if groups is not None:
         voted, novel = nov.cluster_vote(np.asarray(cell_types)[closed], novel, groups,
                                         unassigned=UNASSIGNED)

@@ -129,14 +129,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from canal import Annotator, io
+    from canal import Annotator, distributed, io
 
     io.check_out(args.out, args.data, args.model)
     model = Annotator.from_pretrained(args.model)
-    adata = _read(args.data)
-    model.embed(adata, key_added=args.key_added, match=_match(args))
-    io.write_h5ad(adata, args.out)
-    print(f"embedding written to {args.out} (obsm['X_{args.key_added}'])")
+    adata = _read(args.data, backed=True)
+    model.embed(adata, key_added=args.key_added, match=_match(args), batch_size=args.batch_size)
+    distributed.on_main(io.write_h5ad, adata, args.out)  # under torchrun: rank 0 writes
+    _say(f"embedding written to {args.out} (obsm['X_{args.key_added}'])")
     return 0
 
 
@@ -267,18 +267,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from canal import Annotator, io
+    from canal import Annotator, distributed, io
 
     io.check_out(args.out, args.data, args.model)
     model = Annotator.from_pretrained(args.model)
     adata = _read(args.data, backed=True)
+    # under torchrun every rank runs its block of the cells and gets all results; rank 0 writes
     model.predict(adata, key_added=args.key_added, novelty=args.novelty,
                   novelty_fpr=args.novelty_fpr, groupby=args.groupby,
                   batch_size=args.batch_size, precision=args.precision, match=_match(args))
-    io.write_h5ad(adata, args.out)
+    distributed.on_main(io.write_h5ad, adata, args.out)
     counts = adata.obs[args.key_added].value_counts()
-    print(f"{adata.n_obs} cells annotated; {int(counts.get('Unassigned', 0))} Unassigned; "
-          f"written to {args.out} (obs[{args.key_added!r}], obsm['X_{args.key_added}'])")
+    where = f" on {distributed.world_size()} processes" if distributed.active() else ""
+    _say(f"{adata.n_obs} cells annotated{where}; {int(counts.get('Unassigned', 0))} "
+         f"Unassigned; written to {args.out} (obs[{args.key_added!r}], "
+         f"obsm['X_{args.key_added}'])")
     return 0
 
 
@@ -528,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--key-added", default="canal", help="writes obsm['X_<key-added>']")
+    p.add_argument("--batch-size", type=int, default=64)
     _add_match_args(p)
     p.set_defaults(func=_cmd_embed)
 
@@ -592,8 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Subcommands that run under ``torchrun`` (the others would repeat their work and race on
-#: their outputs in every process).
-DISTRIBUTED_COMMANDS = ("init", "fit", "pretrain")
+#: their outputs in every process): training is data-parallel, predict and embed are sharded.
+DISTRIBUTED_COMMANDS = ("init", "fit", "pretrain", "predict", "embed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

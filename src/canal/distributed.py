@@ -19,6 +19,17 @@ What the training loop uses (:func:`canal.train.run_stage`):
   thresholds come out identical on every rank.
 - :func:`on_main`: work done by rank 0 only (writing a checkpoint); the others wait for it and
   re-raise its error if it fails.
+
+What sharded prediction uses (:func:`canal.annotate.represent`, behind ``Annotator.predict``
+and ``Annotator.embed``):
+
+- :func:`block`: a rank's contiguous block of rows of one file, in whole batches, so every
+  rank runs exactly the batches a single process would run on those cells.
+- :func:`gather_blocks`: the ranks' per-cell outputs concatenated in rank order (= cell order)
+  on every rank.
+- :func:`agree`: a step that may fail on one rank only (a bad cell in its block); when it
+  fails anywhere, it fails everywhere instead of leaving the others waiting in a collective.
+- :func:`local_device`: ``cuda`` resolved to this rank's GPU (``cuda:LOCAL_RANK``).
 """
 
 from __future__ import annotations
@@ -314,3 +325,83 @@ def unwrap(net: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return net.module if isinstance(net, DistributedDataParallel) else net
+
+
+# ------------------------------------------------------------------------------------------
+# sharded inference
+# ------------------------------------------------------------------------------------------
+
+
+def block(n_cells: int, *, multiple: int = 1, rank: int | None = None,
+          world_size: int | None = None) -> slice:
+    """This rank's contiguous block of ``n_cells`` rows.
+
+    The rows are cut into runs of ``multiple`` (the batch size; the last run may be shorter)
+    and the runs are dealt out in order, as evenly as possible, so rank ``r`` holds rows
+    before rank ``r + 1``'s and every block starts on a batch boundary of the single-process
+    pass. With more ranks than runs, the last ranks get empty blocks.
+
+    Returns
+    -------
+    ``slice(start, stop)``; ``slice(0, n_cells)`` when not distributed.
+    """
+    r = _rank() if rank is None else int(rank)
+    w = _world_size() if world_size is None else int(world_size)
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} outside world size {w}")
+    if int(multiple) < 1:
+        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
+    runs = -(-int(n_cells) // int(multiple))
+    start, stop = (min(runs * k // w * int(multiple), int(n_cells)) for k in (r, r + 1))
+    return slice(start, stop)
+
+
+def gather_blocks(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order, on every rank (CPU tensors).
+
+    With :func:`block` shares that is cell order. A process group whose only backend is NCCL
+    (set up outside canal) cannot move CPU tensors: the rows then travel through this rank's
+    GPU and come back to the CPU.
+    """
+    if not active():
+        return tensor
+    nccl_only = dist.get_backend() == "nccl"
+    moved = tensor.to(f"cuda:{torch.cuda.current_device()}") if nccl_only else tensor
+    out = torch.cat(all_gather_rows(moved))
+    return out.to(tensor.device) if nccl_only else out
+
+
+def agree(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn`` on every rank; if it raises on any rank, every rank raises.
+
+    The rank where it failed re-raises its own error; the others raise a ``RuntimeError``
+    naming the first failed rank and its error.
+    """
+    if not active():
+        return fn(*args, **kwargs)
+    failure: BaseException | None = None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as err:  # reported to every rank below, then re-raised
+        failure = err
+    messages: list[str | None] = [None] * world_size()
+    dist.all_gather_object(messages,
+                           None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    for r, message in enumerate(messages):
+        if message is not None:
+            raise RuntimeError(f"rank {r} failed: {message}")
+    return result
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``device``, with a bare ``cuda`` resolved to this rank's GPU when distributed.
+
+    ``torchrun`` runs one process per GPU: rank ``LOCAL_RANK`` of a node uses ``cuda:LOCAL_RANK``
+    (:func:`init` also makes that the current device).
+    """
+    if device.type == "cuda" and device.index is None and active():
+        return torch.device("cuda", local_rank())
+    return device

@@ -519,12 +519,37 @@ def write_h5ad(adata, path: str | Path) -> Path:
 
     A backed AnnData makes anndata append to an existing file (stale groups such as ``raw``
     survive); the temporary file avoids that. The disk's free space is checked first.
+
+    A backed AnnData's ``X`` (and ``raw``, which backed mode also leaves on disk) is copied
+    from its file by HDF5 itself, a chunk at a time: anndata would read each array of the
+    matrix into memory whole, which for an atlas is gigabytes. Everything held in memory
+    (obs, var, obsm, uns, ...) is written by anndata as usual.
     """
     path = Path(path)
     _check_space(path, _adata_bytes(adata))
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        if adata.isbacked and not adata.is_view:
+            _write_backed(adata, tmp)
+        else:
+            adata.write_h5ad(tmp)
     return path
+
+
+def _write_backed(adata, path: Path) -> None:
+    """Write a backed AnnData to a new ``path``: in-memory parts by anndata, ``X``/``raw``
+    copied from the backing file by ``h5py`` (HDF5 object copy, bounded memory)."""
+    import anndata as ad
+    import h5py
+
+    shell = ad.AnnData(obs=adata.obs, var=adata.var, uns=dict(adata.uns),
+                       obsm=dict(adata.obsm), varm=dict(adata.varm), obsp=dict(adata.obsp),
+                       varp=dict(adata.varp), layers=dict(adata.layers))
+    shell.write_h5ad(path)
+    with h5py.File(adata.filename, "r") as src, h5py.File(path, "a") as dst:
+        for key in ("X", "raw"):
+            if key in src and not (key == "raw" and adata.raw is None):
+                dst.pop(key, None)
+                src.copy(src[key], dst, name=key)
 
 
 def write_text(path: str | Path, text: str) -> Path:

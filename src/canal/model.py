@@ -24,7 +24,7 @@ from canal.data import CellData, concat, encode_labels, read_labels
 from canal.metrics import UNASSIGNED
 from canal.nn import CanalNet, ModelConfig
 from canal.pp import GeneMatch
-from canal.runtime import BATCH_SIZE, forward_cells
+from canal.runtime import BATCH_SIZE, check_batch_size, forward_cells
 from canal.train import StageConfig, run_stage
 
 if TYPE_CHECKING:
@@ -233,14 +233,23 @@ class Annotator:
               batch_size: int = BATCH_SIZE, inplace: bool = True) -> np.ndarray | None:
         """Cell representations.
 
+        Cells are streamed from ``adata`` in batches (backed AnnData stays on disk), as in
+        :meth:`predict`. Inside a process group (``torchrun``) each rank embeds a contiguous
+        block of the cells and every rank gets all of them, in order (see
+        :func:`canal.annotate.represent`).
+
         Returns
         -------
         Sets ``adata.obsm[f"X_{key_added}"]`` (cells x ``rep_dim``, the key :meth:`predict`
         uses) when ``inplace``, else returns the array.
         """
-        rep, _ = self.outputs(self.prepare(adata, match=match), batch_size=batch_size,
-                              progress="canal embed")
-        rep = rep.numpy()
+        match = GeneMatch.resolve(match, self.match)
+        alignment = match.align(adata, self.genes)
+        out = annotate.represent(self.net, adata, self.genes, alignment=alignment, match=match,
+                                 share=pp.reference_share(alignment, self.gene_shares),
+                                 batch_size=check_batch_size(batch_size),
+                                 progress="canal embed")
+        rep = out.representation.numpy()
         if not inplace:
             return rep
         adata.obsm[annotate.output_keys(key_added)["rep"]] = rep

@@ -368,10 +368,11 @@ def log_normalize(adata, *, layer: str | None = None) -> sp.csr_matrix:
     return sp.vstack(blocks, format="csr")
 
 
-def _iter_blocks(adata, *, layer: str | None, chunk_size: int = 4096
-                 ) -> Iterator[tuple[sp.csr_matrix, int]]:
-    for start in range(0, adata.n_obs, chunk_size):
-        block = _rows(adata, start, min(start + chunk_size, adata.n_obs), layer)
+def _iter_blocks(adata, *, layer: str | None, chunk_size: int = 4096,
+                 cells: slice | None = None) -> Iterator[tuple[sp.csr_matrix, int]]:
+    first, last, _ = (slice(None) if cells is None else cells).indices(adata.n_obs)
+    for start in range(first, last, chunk_size):
+        block = _rows(adata, start, min(start + chunk_size, last), layer)
         _check_block(block, start)
         yield block, start
 
@@ -637,6 +638,7 @@ def iter_panel_blocks(
     chunk_size: int = 4096,
     alignment: GeneAlignment | None = None,
     share: float = 1.0,
+    cells: slice | None = None,
 ) -> Iterator[sp.csr_matrix]:
     """Stream log-normalized expression on the model's gene panel, ``chunk_size`` cells at a time.
 
@@ -644,6 +646,8 @@ def iter_panel_blocks(
     file's genes, before the panel is selected. Genes the data lack are empty columns: which
     ones they are is ``alignment.measured`` (a column of zeros is *not* a measured zero). Pass
     a precomputed ``alignment`` (from ``match.align(adata, genes)``) to skip matching again.
+    ``cells`` (a step-1 slice of rows) streams only those cells; the input scale is still
+    detected on the whole of ``adata``, so a block reads exactly as it does in a full pass.
     """
     match = match or GeneMatch()
     check_adata(adata)
@@ -660,7 +664,9 @@ def iter_panel_blocks(
     elif alignment.n_panel != len(genes) or len(alignment.source_index) != len(genes):
         raise ValueError(f"alignment is for {alignment.n_panel} genes, the panel has "
                          f"{len(genes)}; recompute it with match.align(adata, genes)")
-    for block, _ in _iter_blocks(adata, layer=match.layer, chunk_size=chunk_size):
+    if cells is not None and cells.step not in (None, 1):
+        raise ValueError(f"cells must be a contiguous slice of rows, got step {cells.step}")
+    for block, _ in _iter_blocks(adata, layer=match.layer, chunk_size=chunk_size, cells=cells):
         yield _select_columns(normalize_block(block, scale, share=share), alignment)
 
 
