@@ -27,11 +27,14 @@ def shipped_genes() -> list[str]:
 
 @pytest.fixture(scope="module")
 def mouse(baron_mouse):
-    """Baron mouse, five common types: mouse1 trains, mouse2 (another animal) tests."""
+    """Baron mouse, five common types: 500 cells of mouse1 train, 400 of mouse2 (another
+    animal) test."""
     keep = baron_mouse[baron_mouse.obs["cell_type"].astype(str).isin(TYPES)]
-    train = keep[keep.obs["batch"].astype(str) == "mouse1"].copy()
-    test = keep[keep.obs["batch"].astype(str) == "mouse2"].copy()
-    return train, test
+    train = keep[keep.obs["batch"].astype(str) == "mouse1"]
+    test = keep[keep.obs["batch"].astype(str) == "mouse2"]
+    rng = np.random.default_rng(0)
+    return (train[np.sort(rng.choice(train.n_obs, 500, replace=False))].copy(),
+            test[np.sort(rng.choice(test.n_obs, 400, replace=False))].copy())
 
 
 @pytest.fixture
@@ -81,7 +84,7 @@ def test_hvg_panel_from_mouse_data_trains_predicts_and_round_trips(on_shipped_pa
     assert model.bank.X.shape[1] == 300
 
     # it learnt the types: held-out cells of another mouse, well above chance
-    # (a tiny random encoder: measured 0.70 accuracy, 0.63 balanced, seed 0; chance 0.2)
+    # (a tiny random encoder; chance 0.2 balanced)
     pred = model.predict(test, novelty="none", inplace=False)
     truth, called = (test.obs["cell_type"].astype(str).to_numpy(),
                      pred["canal"].astype(str).to_numpy())
@@ -93,9 +96,8 @@ def test_hvg_panel_from_mouse_data_trains_predicts_and_round_trips(on_shipped_pa
     model.save(tmp_path / "m")
     back = Annotator.from_pretrained(tmp_path / "m")
     assert back.genes == model.genes and back.meta["panel"] == rec
-    again = back.predict(test, novelty="none", inplace=False)
-    assert (again["canal"] == pred["canal"]).all()
     back.predict(test, novelty="none")
+    assert (test.obs["canal"] == pred["canal"]).all()
     assert test.uns["canal"]["params"]["panel"] == "hvg"
 
     # a later stage keeps the panel; panel= there is refused and leaves the model as it was
