@@ -107,6 +107,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     model = Annotator.from_pretrained(args.model)
     print(model, "(shipped weights)" if args.model is None else f"from {args.model}")
     print(f"gene panel: {len(model.genes)} genes ({', '.join(model.genes[:8])}, ...)")
+    chosen = model.meta.get("panel")
+    if chosen:
+        print(f"panel chosen at stage 1: {chosen.get('source')}, {chosen.get('n_genes')} genes "
+              f"({chosen.get('n_from_vocabulary', chosen.get('n_genes'))} from a vocabulary of "
+              f"{chosen.get('vocabulary_size')}, {chosen.get('n_coexpression', 0)} from "
+              "co-expression)")
+    vocab = model.vocabulary
+    print(f"gene vocabulary: {len(vocab)} genes" if vocab is not None
+          else "gene vocabulary: none (the panel's genes)")
     print(f"gene match: {model.match}")
     print("cell types:", ", ".join(model.cell_types) or "(none yet)")
     for h in model.history:
@@ -124,7 +133,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
               + (f", fpr {cal['fpr']}" if "fpr" in cal else ""))
     pre = model.meta.get("pretrain")
     if pre:
-        print(f"pre-training: {pre.get('n_cells')} cells, {pre.get('step')} steps")
+        print(f"pre-training: {pre.get('n_cells')} cells, {pre.get('step')} steps"
+              + (f", over a vocabulary of {pre['vocabulary_size']} genes"
+                 if pre.get("vocabulary_size") else ""))
     return 0
 
 
@@ -152,6 +163,18 @@ def _parse_where(where: Sequence[str] | None) -> dict[str, list[str]]:
     return out
 
 
+def _panel(value: str | None) -> str | list[str] | None:
+    """``--panel``: a choice, or a text file of gene symbols (one per line, ``#`` comments)."""
+    if value is None or value in ("auto", "hvg", "pretrained"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--panel {value!r}: expected auto, hvg, pretrained or a text file of "
+                         "gene symbols, one per line")
+    genes = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return [g for g in genes if g]
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from canal import Annotator, io
     from canal.data import read_labels
@@ -170,7 +193,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--where/--types/--min-cells select no cells of {args.data}")
     adata = adata[mask]
     config = _config_from_args(StageConfig, args)
-    model.fit_stage(adata.copy(), labels_key=args.labels, config=config, match=_match(args))
+    model.fit_stage(adata.copy(), labels_key=args.labels, config=config, match=_match(args),
+                    panel=_panel(args.panel))
     model.save(args.out)
     h = model.history[-1]
     procs = f" on {h['world_size']} processes" if h.get("world_size", 1) > 1 else ""
@@ -203,7 +227,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         size = ModelConfig.paper() if args.size == "paper" else ModelConfig()
         emb = None if args.gene_embedding == "random" else args.gene_embedding
         model = Annotator.create(adatas, n_genes=args.n_genes, config=size.replace(seed=args.seed),
-                                 gene_embedding=emb, combine=args.panel)
+                                 gene_embedding=emb, combine=args.panel,
+                                 vocabulary=True if args.vocabulary else None, match=matches)
     config = PretrainConfig(epochs=args.epochs, max_steps=args.max_steps,
                             batch_size=args.batch_size, lr=args.lr, mask_prob=args.mask_prob,
                             mask_on=args.mask_on, precision=args.precision, seed=args.seed,
@@ -449,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out types with fewer cells than this: a type with a handful of "
                         "cells can be neither learnt nor validated (the reference experiments' "
                         "rule)")
+    p.add_argument("--panel", default=None, metavar="auto|hvg|pretrained|FILE",
+                   help="the gene panel, chosen at the first stage: hvg (the data's --n-panel "
+                        "most highly variable genes), pretrained (the model's panel), a text "
+                        "file of gene symbols (one per line); default auto: hvg for a model "
+                        "with a gene vocabulary, else pretrained")
     _add_config_args(p, StageConfig, title="stage hyper-parameters (canal.StageConfig)")
     _add_match_args(p)
     p.set_defaults(func=_cmd_fit)
@@ -473,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel", choices=["interleave", "votes"], default="interleave",
                    help="how the datasets' HVGs are combined into the panel (see "
                         "canal.pp.select_panel)")
+    p.add_argument("--vocabulary", action="store_true",
+                   help="give a new model a gene vocabulary: an embedding for every gene the "
+                        "corpus expresses; each batch then reads a panel of --n-genes genes "
+                        "drawn from the genes its cells' file measures (weighted toward "
+                        "variable genes), and fine-tuning chooses its own panel from it")
     p.add_argument("--gene-embedding", default="corpus",
                    help="'corpus' (co-expression, gene2vec-like), 'random', or a gene2vec-style "
                         "text file")

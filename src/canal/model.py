@@ -27,6 +27,9 @@ from canal.pp import GeneMatch
 from canal.runtime import BATCH_SIZE, check_batch_size, forward_cells
 from canal.train import StageConfig, run_stage
 
+#: How the first stage chooses the gene panel (see :meth:`Annotator.fit_stage`).
+PanelChoice = Literal["auto", "hvg", "pretrained"]
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -51,12 +54,16 @@ class Annotator:
         given another.
     bank
         The example bank (:class:`canal.continual.ExampleBank`), or ``None`` before a stage.
+    vocabulary
+        The genes of the network's gene vocabulary (``net.vocab``, one embedding each: the
+        pre-training corpus' genes), or ``None`` when it has none; then the panel is the
+        vocabulary (:meth:`vocabulary_embedding`).
     """
 
     def __init__(self, net: CanalNet, genes: Sequence[str], *, cell_types: Sequence[str] = (),
                  stage: int = 0, meta: dict[str, Any] | None = None,
                  bank: ExampleBank | None = None, history: list[dict] | None = None,
-                 match: GeneMatch | None = None):
+                 match: GeneMatch | None = None, vocabulary: Sequence[str] | None = None):
         genes = [str(g) for g in genes]
         if len(genes) != net.config.n_genes:
             raise ValueError(f"{len(genes)} genes for a network built for {net.config.n_genes}")
@@ -65,8 +72,13 @@ class Annotator:
         if len(cell_types) != net.head.n_classes:
             raise ValueError(f"{len(cell_types)} cell types for a head with "
                              f"{net.head.n_classes} outputs")
+        if (vocabulary is not None and len(vocabulary) != net.config.n_vocab) or \
+                (vocabulary is None and net.config.n_vocab):
+            raise ValueError(f"{0 if vocabulary is None else len(vocabulary)} vocabulary genes "
+                             f"for a network with a vocabulary of {net.config.n_vocab}")
         self.net = net
         self.genes = genes
+        self.vocabulary = None if vocabulary is None else [str(g) for g in vocabulary]
         self.cell_types = [str(c) for c in cell_types]
         self.stage = int(stage)
         self.meta = dict(meta or {})
@@ -102,7 +114,10 @@ class Annotator:
     def create(cls, adata, *, n_genes: int = 1000, config: ModelConfig | None = None,
                genes: Sequence[str] | None = None, gene_embedding=None,
                layer: str | None = None,
-               combine: Literal["votes", "interleave"] = "votes") -> Annotator:
+               combine: Literal["votes", "interleave"] = "votes",
+               vocabulary: bool | Sequence[str] | None = None,
+               match: GeneMatch | dict | Sequence[GeneMatch | dict | None] | None = None
+               ) -> Annotator:
         """A randomly initialised model whose gene panel is chosen from ``adata``.
 
         Parameters
@@ -123,26 +138,89 @@ class Annotator:
             :func:`canal.pretrain.read_gene_embedding`), or a ``(n_genes, dim)`` matrix.
         combine
             How several datasets' HVGs are combined (see :func:`canal.pp.select_panel`).
+        vocabulary
+            A gene vocabulary for pre-training over varying gene sets: ``True``, every gene
+            the datasets express (:func:`canal.pp.gene_vocabulary`), or a list of genes (the
+            panel's genes are added). Each vocabulary gene gets an embedding (``net.vocab``);
+            with ``gene_embedding="corpus"`` the panel genes' vectors come from co-expression
+            as without a vocabulary and the others from their co-expression with the panel
+            genes (:func:`canal.pretrain.coexpression_embedding`). The panel's gene embeddings
+            are its genes' vocabulary vectors.
+        match
+            How the datasets are read (one for all or one per dataset; e.g. orthologs for mouse
+            files): used to build the vocabulary and the corpus embedding.
         """
+        adatas = [] if adata is None else (list(adata) if isinstance(adata, list | tuple)
+                                           else [adata])
+        matches = list(match) if isinstance(match, list | tuple) else [match] * len(adatas)
+        if len(matches) != len(adatas):
+            raise ValueError(f"{len(matches)} gene matches for {len(adatas)} datasets")
+        matches = [GeneMatch.resolve(m, GeneMatch(layer=layer)) for m in matches]
         if genes is None:
             genes = pp.select_panel(adata, n_genes=n_genes, layer=layer, combine=combine)
         genes = [str(g) for g in genes]
-        config = (config or ModelConfig()).replace(n_genes=len(genes))
+        if vocabulary is True:
+            if not adatas:
+                raise ValueError("vocabulary=True takes the datasets' genes: pass adata")
+            vocabulary = pp.gene_vocabulary(adatas, match=matches)
+        if vocabulary is not None and vocabulary is not False:
+            vocabulary = sorted(set(map(str, vocabulary)) | set(genes))
+        else:
+            vocabulary = None
+        config = (config or ModelConfig()).replace(
+            n_genes=len(genes), n_vocab=0 if vocabulary is None else len(vocabulary))
+        vocab_emb = None
         if isinstance(gene_embedding, str | Path):
             from canal import pretrain
 
             if str(gene_embedding) == "corpus":
-                if adata is None:
+                if not adatas:
                     raise ValueError("gene_embedding='corpus' needs the corpus: pass adata")
-                adatas = adata if isinstance(adata, list | tuple) else [adata]
-                X = concat([CellData.from_adata(a, genes, match=GeneMatch(layer=layer))
-                            for a in adatas]).X
+                X = concat([CellData.from_adata(a, genes, match=m)
+                            for a, m in zip(adatas, matches, strict=True)]).X
                 gene_embedding = pretrain.corpus_gene_embedding(X, config.dim, seed=config.seed)
+                if vocabulary is not None:
+                    vocab_emb = cls._corpus_vocabulary_embedding(
+                        adatas, matches, genes, vocabulary, gene_embedding, seed=config.seed)
             else:
-                gene_embedding = pretrain.read_gene_embedding(gene_embedding, genes,
-                                                              dim=config.dim, seed=config.seed)
+                path = gene_embedding
+                gene_embedding = pretrain.read_gene_embedding(path, genes, dim=config.dim,
+                                                              seed=config.seed)
+                if vocabulary is not None:
+                    vocab_emb = pretrain.read_gene_embedding(path, vocabulary, dim=config.dim,
+                                                             seed=config.seed)
         net = CanalNet(config, gene_embedding=gene_embedding)
-        return cls(net, genes)
+        if vocabulary is not None:
+            rows = torch.as_tensor([vocabulary.index(g) for g in genes])
+            with torch.no_grad():
+                if vocab_emb is not None:
+                    net.vocab.weight.copy_(torch.as_tensor(vocab_emb))
+                if gene_embedding is not None:  # the panel's given vectors are its genes'
+                    net.vocab.weight[rows] = torch.as_tensor(
+                        np.asarray(gene_embedding, dtype=np.float32)[:len(genes)])
+                net.pos_emb.emb.weight[:len(genes)] = net.vocab.weight[rows]
+        return cls(net, genes, vocabulary=vocabulary)
+
+    @staticmethod
+    def _corpus_vocabulary_embedding(adatas: list, matches: list[GeneMatch], genes: list[str],
+                                     vocabulary: list[str], panel_emb: np.ndarray, *,
+                                     seed: int) -> np.ndarray:
+        """Vocabulary vectors: the panel's co-expression vectors, and for every other gene its
+        co-expression with the panel genes (at the panel vectors' median norm)."""
+        from canal import pretrain
+
+        lenient = [m.replace(min_overlap=0.0, warn_overlap=0.0) for m in matches]
+        X = concat([CellData.from_adata(a, vocabulary, match=m)
+                    for a, m in zip(adatas, lenient, strict=True)]).X
+        where = {g: i for i, g in enumerate(vocabulary)}
+        known = np.zeros(len(vocabulary), dtype=bool)
+        known[[where[g] for g in genes]] = True
+        vectors = np.zeros((len(vocabulary), panel_emb.shape[1]), dtype=np.float32)
+        order = np.flatnonzero(known)  # column order of the known genes
+        panel_rows = {g: i for i, g in enumerate(genes)}
+        vectors[order] = panel_emb[[panel_rows[vocabulary[i]] for i in order]]
+        vectors[~known] = pretrain.coexpression_embedding(X, known, vectors[order], seed=seed)
+        return vectors
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> Annotator:
@@ -168,10 +246,15 @@ class Annotator:
                                      "the checkpoint is corrupt or was edited") from err
         extra = {k: v for k, v in meta.items()
                  if k not in {"model_config", "genes", "cell_types", "stage", "format",
-                              "format_version", "versions", "gene_match"}}
-        model = cls(net, genes, cell_types=cell_types, stage=meta.get("stage", 0), meta=extra,
-                    bank=ckpt.bank, history=ckpt.history,
-                    match=GeneMatch.from_dict(meta.get("gene_match")))
+                              "format_version", "versions", "gene_match", "vocabulary"}}
+        try:
+            model = cls(net, genes, cell_types=cell_types, stage=meta.get("stage", 0),
+                        meta=extra, bank=ckpt.bank, history=ckpt.history,
+                        match=GeneMatch.from_dict(meta.get("gene_match")),
+                        vocabulary=meta.get("vocabulary"))
+        except ValueError as err:
+            raise io.CheckpointError(f"{path}/config.json does not match its weights ({err}); "
+                                     "the checkpoint is corrupt or was edited") from err
         model._bank_missing_from = Path(path) if ckpt.bank_missing else None
         model.source = {"checkpoint": str(path), "checkpoint_id": ckpt.checkpoint_id or ""}
         return model
@@ -187,6 +270,8 @@ class Annotator:
         meta.update(model_config=self.net.config.to_dict(), genes=self.genes,
                     cell_types=self.cell_types, stage=self.stage,
                     gene_match=self.match.to_dict())
+        if self.vocabulary is not None:
+            meta["vocabulary"] = self.vocabulary
         if self.gene_shares is not None:
             kept = self.gene_shares[self.gene_shares > 0]
             meta["gene_shares"] = {"genes": kept.index.tolist(),
@@ -196,9 +281,21 @@ class Annotator:
                              history=self.history, optimizer=optimizer)
         return distributed.on_main(io.save_checkpoint, path, ckpt)
 
+    def vocabulary_embedding(self) -> tuple[list[str], torch.Tensor]:
+        """The gene vocabulary and its vectors, ``(genes, (len(genes), dim) tensor)``.
+
+        A network without a vocabulary (every checkpoint written before it) has its panel as
+        vocabulary: the panel genes and their gene embeddings.
+        """
+        if self.net.vocab is not None:
+            return list(self.vocabulary), self.net.vocab.weight.detach().cpu().clone()
+        n = self.net.config.n_genes
+        return list(self.genes), self.net.pos_emb.emb.weight[:n].detach().cpu().clone()
+
     def __repr__(self) -> str:
         c = self.net.config
-        return (f"Annotator(stage={self.stage}, genes={len(self.genes)}, "
+        vocab = f", vocabulary={c.n_vocab}" if c.n_vocab else ""
+        return (f"Annotator(stage={self.stage}, genes={len(self.genes)}{vocab}, "
                 f"cell_types={len(self.cell_types)}, dim={c.dim}, depth={c.depth}, "
                 f"heads={c.heads})")
 
@@ -302,11 +399,18 @@ class Annotator:
         matches = list(match) if isinstance(match, list | tuple) else [match] * len(adatas)
         if len(matches) != len(adatas):
             raise ValueError(f"{len(matches)} gene matches for {len(adatas)} datasets")
-        parts = [self.prepare(a, match=m) for a, m in zip(adatas, matches, strict=True)]
+        if self.vocabulary is None:
+            parts = [self.prepare(a, match=m) for a, m in zip(adatas, matches, strict=True)]
+        else:  # cells on the vocabulary: each batch draws its panels from it
+            parts = [CellData.from_adata(a, self.vocabulary, match=GeneMatch.resolve(
+                m, self.match).replace(min_overlap=0.0, warn_overlap=0.0))
+                for a, m in zip(adatas, matches, strict=True)]
         data = concat(parts)
         corpus = [{"name": str(n), "n_cells": int(p.n_cells)}
                   for n, p in zip(names, parts, strict=True)]
         record = {"config": config.to_dict(), "corpus": corpus, "n_cells": int(data.n_cells)}
+        if self.vocabulary is not None:
+            record["vocabulary_size"] = len(self.vocabulary)
         state = None
         if out is not None and resume and (Path(out) / io.CONFIG).exists():
             state = self._resume_pretraining(Path(out), record)
@@ -314,6 +418,7 @@ class Annotator:
                 return self.meta["pretrain"]
 
         def write(st: dict[str, Any]) -> None:
+            self._panel_from_vocabulary()
             self.meta["pretrain"] = record | {k: v for k, v in st.items() if k != "optimizer"}
             if out is not None:
                 self.save(out, optimizer=None if st["done"] else st["optimizer"])
@@ -322,9 +427,20 @@ class Annotator:
         final = pretrain.run_pretraining(self.net, data, config=config, state=state,
                                          on_checkpoint=write,
                                          device=settings.torch_device(device))
+        self._panel_from_vocabulary()
         self.meta["pretrain"] = record | {k: v for k, v in final.items() if k != "optimizer"}
         self.meta["pretrain"]["wall_seconds_last_run"] = time.perf_counter() - t0
         return self.meta["pretrain"]
+
+    @torch.no_grad()
+    def _panel_from_vocabulary(self) -> None:
+        """Set the panel's gene embeddings to its genes' vocabulary vectors (after pre-training
+        over the vocabulary, which trains those)."""
+        if self.net.vocab is None:
+            return
+        where = {g: i for i, g in enumerate(self.vocabulary)}
+        rows = torch.as_tensor([where[g] for g in self.genes], device=self.device)
+        self.net.pos_emb.emb.weight[:len(self.genes)] = self.net.vocab.weight[rows]
 
     def _resume_pretraining(self, out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
         ckpt = io.load_checkpoint(out, with_bank=False)
@@ -333,6 +449,7 @@ class Annotator:
             raise ValueError(f"{out} is a checkpoint without a pre-training run; pass another "
                              "out, or resume=False to overwrite it")
         same = (ckpt.meta.get("genes") == self.genes
+                and ckpt.meta.get("vocabulary") == self.vocabulary
                 and ckpt.meta.get("model_config") == self.net.config.to_dict()
                 and prev.get("config") == record["config"]
                 and prev.get("n_cells") == record["n_cells"])
@@ -359,6 +476,7 @@ class Annotator:
 
     def fit_stage(self, adata, *, labels_key: str = "cell_type",
                   config: StageConfig | None = None, match: GeneMatch | dict | None = None,
+                  panel: PanelChoice | Sequence[str] | None = None,
                   device: str | torch.device | None = None) -> Annotator:
         """Fine-tune on one labelled dataset (a stage), keeping what earlier stages taught.
 
@@ -386,6 +504,20 @@ class Annotator:
             How ``adata`` is read and its genes matched (:class:`canal.GeneMatch`, or a dict
             of fields to change); stored as the model's :attr:`match` for later calls.
             Default: the model's.
+        panel
+            The gene panel, chosen at the first stage only (a model with no cell types yet):
+            ``"hvg"``, the stage's ``config.n_panel`` most highly variable genes
+            (:func:`canal.pp.highly_variable_panel`); a list of gene symbols; or
+            ``"pretrained"``, the panel the model has. ``None`` (``"auto"``): ``"hvg"`` for a
+            model with a gene vocabulary (:attr:`vocabulary`), else ``"pretrained"``. A new
+            panel takes each gene's vector from the vocabulary; a gene outside it starts
+            from its co-expression with the panel's vocabulary genes in this stage's data, at
+            the median norm of the vocabulary vectors
+            (:func:`canal.pretrain.coexpression_embedding`). The encoder is kept, the
+            classification head (one input per panel gene) is rebuilt, and the vocabulary is
+            left out of the fine-tuned model. The choice is stored in ``meta["panel"]`` and
+            reported by :meth:`predict`. Later stages keep the panel; ``panel=`` there is
+            refused.
 
         Returns
         -------
@@ -411,30 +543,112 @@ class Annotator:
             logger.warning("cell type(s) %s have a single cell; they cannot be validated",
                            counts.index[counts < 2].tolist())
         # read before any change: bad input leaves the model as it was
+        repanel = self._choose_panel(parts, panel, config, match)
+        net, genes = (self.net, self.genes) if repanel is None else repanel[:2]
         shares = self.gene_shares if self.gene_shares is not None else \
-            self._reference_shares(parts, match)
-        new = concat([CellData.from_adata(a, self.genes, match=match, shares=shares)
+            self._reference_shares(parts, match, genes)
+        new = concat([CellData.from_adata(a, genes, match=match, shares=shares)
                       for a in parts])
         names = np.concatenate([np.asarray(a.obs_names, dtype=str) for a in parts])
         before = (copy.deepcopy(self.net), list(self.cell_types), self.bank,
-                  self.meta.get("novelty"))
+                  self.meta.get("novelty"), self.genes, self.vocabulary, self.meta.get("panel"))
         try:
+            if repanel is not None:
+                self.net, self.genes, self.vocabulary = net, genes, None
+                self.meta["panel"] = repanel[2]
             self._fit_stage(new, labels, names, labels_key, config, device)
             self.gene_shares = shares
         except BaseException:
-            self.net, self.cell_types, self.bank, cal = before
-            self.meta.pop("novelty", None)
-            if cal is not None:
-                self.meta["novelty"] = cal
+            self.net, self.cell_types, self.bank, cal, self.genes, self.vocabulary, pan = before
+            for key, value in (("novelty", cal), ("panel", pan)):
+                self.meta.pop(key, None)
+                if value is not None:
+                    self.meta[key] = value
             raise
         self.match = match
         self._bank_missing_from = None
         return self
 
-    def _reference_shares(self, parts: list, match: GeneMatch) -> pd.Series:
+    def _choose_panel(self, parts: list, panel, config: StageConfig, match: GeneMatch
+                      ) -> tuple[CanalNet, list[str], dict[str, Any]] | None:
+        """The network and panel a first stage trains on (``None``: the model's own)."""
+        first = self.stage == 0 and not self.cell_types
+        if not first:
+            if panel is not None:
+                raise ValueError(f"the gene panel is chosen at the first stage; this model is "
+                                 f"at stage {self.stage} with {len(self.cell_types)} cell types "
+                                 f"and keeps its {len(self.genes)} genes (model.genes): drop "
+                                 "panel= (--panel)")
+            return None
+        if panel is None or (isinstance(panel, str) and panel == "auto"):
+            panel = "hvg" if self.vocabulary is not None else "pretrained"
+        vocab_genes, vocab_emb = self.vocabulary_embedding()
+        record: dict[str, Any] = {"stage": 1, "vocabulary_size": len(vocab_genes)}
+        if isinstance(panel, str):
+            if panel == "pretrained":
+                record |= {"source": "pretrained", "n_genes": len(self.genes)}
+                # a vocabulary is left out of the fine-tuned model, as with a new panel
+                net = self.net if self.net.vocab is None else self._net_on_panel(
+                    self.net.pos_emb.emb.weight[:len(self.genes)].detach())
+                return net, list(self.genes), record
+            if panel != "hvg":
+                raise ValueError(f"panel must be 'auto', 'hvg', 'pretrained' or a list of gene "
+                                 f"symbols, got {panel!r} (the CLI reads a list from a file: "
+                                 "--panel genes.txt)")
+            genes = pp.highly_variable_panel(parts, n_genes=config.n_panel, match=match)
+            record |= {"source": "hvg", "flavor": "seurat", "n_panel": config.n_panel}
+        else:
+            genes = [str(g) for g in panel]
+            if not genes:
+                raise ValueError("panel= is an empty gene list; pass gene symbols, 'hvg' or "
+                                 "'pretrained'")
+            dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+            if dup:
+                raise ValueError(f"panel= lists genes twice (e.g. {dup[:5]}); pass each once")
+            record |= {"source": "list"}
+        # gene vectors: vocabulary rows, co-expression for the others (on this stage's cells)
+        lookup = {g.upper(): i for i, g in enumerate(vocab_genes)}
+        rows = np.asarray([lookup.get(g.upper(), -1) for g in genes])
+        known = rows >= 0
+        emb = torch.zeros(len(genes), self.net.config.dim)
+        emb[torch.from_numpy(known)] = vocab_emb[torch.from_numpy(rows[known])]
+        if not known.all():
+            from canal import pretrain
+
+            X = concat([CellData.from_adata(a, genes, match=match) for a in parts]).X
+            norm = float(vocab_emb.norm(dim=1).median())
+            emb[torch.from_numpy(~known)] = torch.from_numpy(pretrain.coexpression_embedding(
+                X, known, emb[torch.from_numpy(known)].numpy(), norm=norm, seed=config.seed))
+        net = self._net_on_panel(emb)
+        record |= {"n_genes": len(genes), "n_from_vocabulary": int(known.sum()),
+                   "n_coexpression": int((~known).sum()),
+                   "n_in_previous_panel": len(set(genes) & set(self.genes))}
+        logger.info("stage 1 panel: %d genes (%s), %d with a vocabulary vector, %d from "
+                    "co-expression", len(genes), record["source"], known.sum(), (~known).sum())
+        return net, genes, record
+
+    def _net_on_panel(self, gene_vectors: torch.Tensor) -> CanalNet:
+        """A network with this one's encoder on a new panel: gene embeddings ``gene_vectors``
+        (the extra token keeps its vector), a new classification head, no vocabulary."""
+        old = self.net
+        config = old.config.replace(n_genes=len(gene_vectors), n_vocab=0)
+        net = CanalNet(config, n_classes=0).to(self.device)
+        keep = {k: v for k, v in old.state_dict().items()
+                if not k.startswith(("head.", "vocab.", "pos_emb."))}
+        missing, unexpected = net.load_state_dict(keep, strict=False)
+        if unexpected or any(not k.startswith(("head.", "pos_emb.")) for k in missing):
+            raise RuntimeError(f"encoder weights do not carry over ({missing}, {unexpected})")
+        with torch.no_grad():
+            extra = old.pos_emb.emb.weight[old.config.n_genes:]
+            net.pos_emb.emb.weight.copy_(torch.cat([gene_vectors.to(extra), extra]))
+        return net
+
+    def _reference_shares(self, parts: list, match: GeneMatch,
+                          genes: Sequence[str] | None = None) -> pd.Series:
         """Gene shares of the first stage's files (a gene averaged over the files that have
         it)."""
-        stats = [pp.dataset_gene_shares(a, self.genes, match=match) for a in parts]
+        genes = self.genes if genes is None else genes
+        stats = [pp.dataset_gene_shares(a, genes, match=match) for a in parts]
         weighted = pd.concat([s * n for s, n in stats], axis=1)
         cells = pd.concat([pd.Series(n, index=s.index) for s, n in stats], axis=1)
         return weighted.sum(axis=1) / cells.sum(axis=1)
@@ -660,6 +874,7 @@ class Annotator:
             result.params["groupby"] = groupby
         result.params.update(self.source)
         result.params["stage"] = self.stage
+        result.params["panel"] = str((self.meta.get("panel") or {}).get("source", "pretrained"))
         if not inplace:
             return annotate.results_frame(result, adata.obs_names, key_added=key_added)
         annotate.write_results(adata, result, key_added=key_added)

@@ -762,6 +762,94 @@ def select_panel(adatas, *, n_genes: int = 1000, layer: str | None = None,
     return score.index[:n_genes].tolist()
 
 
+def translate_genes(var_names: Sequence[str], match: GeneMatch | None = None) -> list[str]:
+    """A dataset's gene symbols in the model's species (human): mouse genes through the 1:1
+    ortholog table when ``match.orthologs`` (genes without an ortholog keep their symbol)."""
+    names = [str(g) for g in var_names]
+    if match is None or match.orthologs is False:
+        return names
+    table = _orthologs(None if match.orthologs is True else match.orthologs)
+    mouse, human = set(table["mouse"]), set(table["human"])
+    if sum(g in human for g in names) >= sum(g in mouse for g in names):
+        return names  # already human symbols
+    mapping = dict(zip(table["mouse"], table["human"], strict=False))
+    return [mapping.get(g, g) for g in names]
+
+
+def gene_vocabulary(adatas, *, match: GeneMatch | Sequence[GeneMatch | None] | None = None,
+                    min_cells: int = 1) -> list[str]:
+    """The genes of a corpus: the union of its files' genes, in the model's species.
+
+    Mouse files are translated through the ortholog table where their ``match`` says so
+    (:func:`translate_genes`). A gene is kept when at least ``min_cells`` cells of the corpus
+    express it (a gene no cell expresses carries nothing to learn).
+
+    Returns
+    -------
+    The gene symbols, sorted.
+    """
+    if not isinstance(adatas, list | tuple):
+        adatas = [adatas]
+    matches = list(match) if isinstance(match, list | tuple) else [match] * len(adatas)
+    if len(matches) != len(adatas):
+        raise ValueError(f"{len(matches)} gene matches for {len(adatas)} datasets")
+    cells: dict[str, int] = {}
+    for adata, m in zip(adatas, matches, strict=True):
+        m = m or GeneMatch()
+        names = translate_genes(adata.var_names, m)
+        n = np.zeros(adata.n_vars, dtype=np.int64)
+        for block, _ in _iter_blocks(adata, layer=m.layer):
+            n += np.diff(sp.csc_matrix(block > 0).indptr)
+        for g, c in zip(names, n, strict=True):
+            cells[g] = cells.get(g, 0) + int(c)
+    return sorted(g for g, c in cells.items() if c >= min_cells)
+
+
+def highly_variable_panel(adatas, *, n_genes: int = 1000, match: GeneMatch | None = None
+                          ) -> list[str]:
+    """A task's gene panel: the ``n_genes`` most highly variable genes of its own data.
+
+    Each dataset is log-normalized (:func:`log_normalize`, whatever its input scale) and its
+    genes ranked by scanpy's ``highly_variable_genes(flavor="seurat")`` normalized dispersion
+    (the log-data flavour; ``seurat_v3`` on counts would need ``scikit-misc``, which canal does
+    not depend on, and some of the files are not counts). Several datasets are combined by
+    votes (see :func:`select_panel`). Gene symbols are returned in the model's species
+    (:func:`translate_genes`: mouse data through the ortholog table with
+    ``match.orthologs``); a symbol two genes translate to is taken once.
+
+    Returns
+    -------
+    The panel, ``min(n_genes, genes available)`` symbols, most variable first.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    if n_genes < 1:
+        raise ValueError(f"n_genes must be at least 1, got {n_genes}")
+    match = match or GeneMatch()
+    if not isinstance(adatas, list | tuple):
+        adatas = [adatas]
+    ranks = []
+    for adata in adatas:
+        if adata.isbacked:
+            adata = adata.to_memory()
+        names = pd.Index(translate_genes(adata.var_names, match))
+        keep = ~names.duplicated()
+        x = log_normalize(adata, layer=match.layer)[:, np.flatnonzero(keep)]
+        tmp = ad.AnnData(X=x, var=pd.DataFrame(index=names[keep]))
+        sc.pp.highly_variable_genes(tmp, n_top_genes=min(n_genes, tmp.n_vars), flavor="seurat")
+        disp = tmp.var["dispersions_norm"].fillna(-np.inf).to_numpy()
+        ranks.append(pd.Series(-disp, index=tmp.var_names).rank(method="first") - 1)
+    table = pd.concat(ranks, axis=1)
+    score = pd.DataFrame({"n": (table < n_genes).sum(axis=1),
+                          "rank": table.mean(axis=1, skipna=True)})
+    score = score.sort_values(["n", "rank"], ascending=[False, True], kind="stable")
+    if len(score) < n_genes:
+        logger.warning("the data hold %d genes, fewer than n_genes=%d: the panel is all of them",
+                       len(score), n_genes)
+    return score.index[:n_genes].tolist()
+
+
 # --------------------------------------------------------------------------------------------
 # Binning into tokens
 # --------------------------------------------------------------------------------------------

@@ -195,13 +195,15 @@ def mask_tokens(tokens: torch.Tensor, config: PretrainConfig, *, generator: torc
 
 
 def masked_logits(net: CanalNet, inputs: torch.Tensor, hidden: torch.Tensor,
-                  present: torch.Tensor | None = None) -> torch.Tensor:
+                  present: torch.Tensor | None = None, genes: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Bin logits at the hidden positions only, ``(n_hidden, n_tokens)``.
 
     The masked-expression head runs on the hidden positions alone (15% of the tokens), not on
     the whole sequence. Genes not measured (``present`` False) are no attention keys.
+    ``genes``: each cell's vocabulary rows (see :meth:`canal.nn.CanalNet.embed`).
     """
-    h = net.encode(inputs, present=present)
+    h = net.encode(inputs, present=present, genes=genes)
     return net.to_out(net.norm(h[hidden]))
 
 
@@ -213,8 +215,86 @@ class _MLM(nn.Module):
         self.net = net
 
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor,
-                present: torch.Tensor | None = None) -> torch.Tensor:
-        return masked_logits(self.net, inputs, hidden, present)
+                present: torch.Tensor | None = None, genes: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return masked_logits(self.net, inputs, hidden, present, genes)
+
+
+class GeneSetSampler:
+    """Each cell's gene panel for pre-training over a vocabulary: ``n_genes`` genes drawn from
+    those its dataset measures, weighted toward variable genes.
+
+    A gene's weight in a dataset is the variance of its log-expression over the dataset's cells
+    plus ``floor`` times the mean variance (so every measured gene is drawn now and then);
+    genes the dataset does not measure weigh 0. Cells of one dataset in a batch share the
+    panel drawn for it. A dataset measuring fewer than ``n_genes`` genes reads all of them,
+    and the remaining positions hold other vocabulary genes marked not measured.
+
+    Parameters
+    ----------
+    data
+        Cells on the vocabulary (one column per vocabulary gene; ``measured`` per dataset).
+    n_genes
+        Genes per cell's panel (the network's ``n_genes``).
+    floor
+        See above.
+    """
+
+    def __init__(self, data: CellData, n_genes: int, *, floor: float = 0.1):
+        self.data = data
+        self.n_genes = int(n_genes)
+        n_vocab = data.X.shape[1]
+        if self.n_genes > n_vocab:
+            raise ValueError(f"the vocabulary has {n_vocab} genes, fewer than the panel's "
+                             f"{self.n_genes}")
+        groups = (np.zeros(data.n_cells, dtype=np.int64) if data.group is None
+                  else data.group)
+        measured = (np.ones((1, n_vocab), dtype=bool) if data.measured is None
+                    else data.measured)
+        self.groups = groups
+        weights = np.zeros(measured.shape)
+        for g in range(len(measured)):
+            X = data.X[np.flatnonzero(groups == g)]
+            if X.shape[0] == 0:
+                continue
+            mean = np.asarray(X.mean(axis=0)).ravel()
+            var = np.clip(np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean**2, 0, None)
+            var = np.where(measured[g], var, 0.0)
+            level = var[measured[g]].mean() if measured[g].any() else 0.0
+            weights[g] = np.where(measured[g], var + floor * max(level, 1e-12), 0.0)
+        self.weights = torch.from_numpy(weights)
+        self.measured = torch.from_numpy(measured)
+
+    def draw(self, index: np.ndarray, generator: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Tokens, key mask and vocabulary rows of cells ``index``.
+
+        Returns
+        -------
+        ``(tokens, present, genes)``: ``(cells, n_genes + 1)`` token ids, the
+        ``(cells, n_genes + 1)`` key mask (``None`` when every drawn gene is measured) and
+        ``(cells, n_genes)`` vocabulary rows.
+        """
+        index = np.asarray(index)
+        n = self.n_genes
+        tokens = torch.zeros(len(index), n + 1, dtype=torch.int64)
+        genes = torch.zeros(len(index), n, dtype=torch.int64)
+        present = torch.ones(len(index), n + 1, dtype=torch.bool)
+        cell_groups = self.groups[index]
+        for g in np.unique(cell_groups):
+            rows = np.flatnonzero(cell_groups == g)
+            w = self.weights[int(g)]
+            k = min(n, int((w > 0).sum()))
+            pick = torch.multinomial(w, k, replacement=False, generator=generator)
+            if k < n:  # pad with genes the dataset does not measure
+                others = torch.nonzero(w <= 0).squeeze(1)
+                fill = others[torch.randperm(len(others), generator=generator)[:n - k]]
+                pick = torch.cat([pick, fill])
+                present[torch.from_numpy(rows), k:n] = False
+            block = self.data.X[index[rows]][:, pick.numpy()]
+            tokens[torch.from_numpy(rows)] = pp.bin_tokens(block)
+            genes[torch.from_numpy(rows)] = pick
+        return tokens, None if present.all() else present, genes
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,24 +312,37 @@ class _Validation:
     majority_bin: int
     majority_expressed_bin: int
     present: torch.Tensor | None = None
+    #: vocabulary rows of each held-out cell's gene tokens (pre-training over a vocabulary)
+    genes: torch.Tensor | None = None
 
     @classmethod
     def build(cls, data: CellData, index: np.ndarray, train_index: np.ndarray,
-              config: PretrainConfig) -> _Validation:
+              config: PretrainConfig, sampler: GeneSetSampler | None = None) -> _Validation:
         gen = torch.Generator().manual_seed(int(config.seed) * 7919 + 17)
-        tokens = data.tokens(np.sort(index))
-        present = data.present(np.sort(index))
+        genes = None
+        if sampler is None:
+            tokens = data.tokens(np.sort(index))
+            present = data.present(np.sort(index))
+        else:  # panels drawn once, so that successive evaluations are comparable
+            tokens, present, genes = sampler.draw(np.sort(index), gen)
         inputs, hidden = mask_tokens(tokens, config, generator=gen, present=present)
         # bin frequencies over (a sample of) the training cells' measured gene tokens
         rng = np.random.default_rng(config.seed)
         sample = np.sort(rng.choice(train_index, size=min(len(train_index), 2000),
                                     replace=False))
-        sample_tokens = data.tokens(sample)[:, :-1]
-        measured = torch.from_numpy(data.measured_rows(sample))
+        if sampler is None:
+            sample_tokens = data.tokens(sample)[:, :-1]
+            measured = torch.from_numpy(data.measured_rows(sample))
+        else:
+            sample_tokens, sample_present, _ = sampler.draw(sample, gen)
+            sample_tokens = sample_tokens[:, :-1]
+            measured = (torch.ones_like(sample_tokens, dtype=torch.bool)
+                        if sample_present is None else sample_present[:, :-1])
         counts = torch.bincount(sample_tokens[measured], minlength=pp.N_BINS)[:pp.N_BINS]
         return cls(inputs=inputs, hidden=hidden, targets=tokens[hidden],
                    majority_bin=int(counts.argmax()),
-                   majority_expressed_bin=int(counts[1:].argmax()) + 1, present=present)
+                   majority_expressed_bin=int(counts[1:].argmax()) + 1, present=present,
+                   genes=genes)
 
     @torch.no_grad()
     def evaluate(self, net: CanalNet, *, device: torch.device, autocast: bool,
@@ -261,8 +354,9 @@ class _Validation:
             inp = self.inputs[s:s + batch_size].to(device)
             hid = self.hidden[s:s + batch_size].to(device)
             pres = None if self.present is None else self.present[s:s + batch_size].to(device)
+            genes = None if self.genes is None else self.genes[s:s + batch_size].to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                logits = masked_logits(net, inp, hid, pres).float()
+                logits = masked_logits(net, inp, hid, pres, genes).float()
             tgt = self.targets_for(s, s + batch_size).to(device)
             losses.append(nn.functional.cross_entropy(logits, tgt, reduction="sum").cpu())
             preds.append(logits.argmax(1).cpu())
@@ -331,7 +425,10 @@ def run_pretraining(
     net
         The network; every parameter is trained except the classification head.
     data
-        Cells on the network's gene panel (labels, if any, are ignored).
+        Cells on the network's gene panel (labels, if any, are ignored); for a network with a
+        gene vocabulary (``net.vocab``), cells on the vocabulary: each batch then reads, per
+        cell, a panel of ``n_genes`` genes its dataset measures (:class:`GeneSetSampler`), so
+        the encoder is tied to no one panel.
     config
         :class:`PretrainConfig`.
     state
@@ -373,7 +470,17 @@ def run_pretraining(
     cells_seen = int(state.get("cells_seen", 0))
     if step >= total:
         logger.info("pre-training already finished (%d steps)", step)
-    val = _Validation.build(data, val_idx, train_idx, config) if len(val_idx) else None
+    sampler = None
+    if net.vocab is not None:
+        if data.X.shape[1] != net.config.n_vocab:
+            raise ValueError(f"the cells have {data.X.shape[1]} genes and the network's "
+                             f"vocabulary {net.config.n_vocab}; read them on the vocabulary")
+        sampler = GeneSetSampler(data, net.config.n_genes)
+    elif data.X.shape[1] != net.config.n_genes:
+        raise ValueError(f"the cells have {data.X.shape[1]} genes and the network's panel "
+                         f"{net.config.n_genes}; read them on the panel")
+    val = (_Validation.build(data, val_idx, train_idx, config, sampler) if len(val_idx)
+           else None)
     model = distributed.wrap(_MLM(net))
     warmup = min(config.warmup_steps, max(1, total // 10))
 
@@ -412,8 +519,11 @@ def run_pretraining(
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             gen = torch.Generator().manual_seed(
                 int(config.seed) * 1_000_003 + step * 101 + distributed.rank())
-            tokens = data.tokens(idx)
-            present, _ = panel_dropout(data.present(idx), len(idx), data.X.shape[1],
+            if sampler is None:
+                tokens, present, genes = data.tokens(idx), data.present(idx), None
+            else:
+                tokens, present, genes = sampler.draw(idx, gen)
+            present, _ = panel_dropout(present, len(idx), net.config.n_genes,
                                        rate=config.panel_dropout, share=0.5, generator=gen)
             inputs, hidden = mask_tokens(tokens, config, generator=gen, present=present)
             targets = tokens[hidden]
@@ -421,7 +531,8 @@ def run_pretraining(
                 g["lr"] = config.lr * _lr_factor(step, warmup=warmup, total=total)
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 logits = model(inputs.to(device), hidden.to(device),
-                               None if present is None else present.to(device))
+                               None if present is None else present.to(device),
+                               None if genes is None else genes.to(device))
             loss = nn.functional.cross_entropy(logits.float(), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -511,6 +622,73 @@ def corpus_gene_embedding(X: sp.spmatrix | np.ndarray, dim: int, *, seed: int = 
     # eigenvector signs are arbitrary; fix them so the result is reproducible across LAPACKs
     signs = np.sign(emb[np.abs(emb).argmax(axis=0), np.arange(dim)])
     return (emb * np.where(signs == 0, 1, signs)).astype(np.float32)
+
+
+def coexpression_embedding(X: sp.spmatrix | np.ndarray, known: np.ndarray,
+                           vectors: np.ndarray, *, norm: float | None = None, k: int = 10,
+                           seed: int = 0, max_cells: int = 5000) -> np.ndarray:
+    """Vectors for genes outside a gene vocabulary, from their co-expression with genes in it.
+
+    An unknown gene's vector is the mean of the vocabulary vectors of the ``k`` known genes it
+    correlates with most (Pearson, log-expression over the cells of ``X``), weighted by those
+    positive correlations, then rescaled to ``norm`` (e.g. the median norm of the whole
+    vocabulary's vectors; default: that of ``vectors``), so that it sits among them at their
+    scale. A gene correlated with no known gene (never expressed in
+    these cells, or no known gene at all) gets a random direction (seeded) at that norm.
+
+    Parameters
+    ----------
+    X
+        Cells x genes, log-normalized (e.g. a stage's cells on its new panel).
+    known
+        ``(genes,)`` bool: the genes that have a vocabulary vector.
+    vectors
+        ``(known.sum(), dim)``: their vectors, in column order.
+    k
+        Known genes averaged per unknown gene.
+    seed
+        Seed for the cell sample and the random directions.
+    max_cells
+        Cells sampled to estimate the correlations.
+
+    Returns
+    -------
+    A ``(genes not known, dim)`` float32 array, in column order.
+    """
+    known = np.asarray(known, dtype=bool)
+    vectors = np.asarray(vectors, dtype=np.float64)
+    dim = vectors.shape[1]
+    rng = np.random.default_rng(seed)
+    X = sp.csr_matrix(X, dtype=np.float64)
+    if X.shape[0] > max_cells:
+        X = X[np.sort(rng.choice(X.shape[0], max_cells, replace=False))]
+    unknown = np.flatnonzero(~known)
+    norms = np.linalg.norm(vectors, axis=1)
+    if norm is None:
+        norm = float(np.median(norms)) if len(norms) else math.sqrt(dim)
+    target = float(norm)
+    out = rng.normal(size=(len(unknown), dim))
+    out *= target / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    if not known.any() or not len(unknown):
+        return out.astype(np.float32)
+    n = X.shape[0]
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    sd = np.sqrt(np.clip(np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean**2, 0, None))
+    kn = np.flatnonzero(known)
+    Xk = X[:, kn].tocsc()
+    k = min(k, len(kn))
+    for s in range(0, len(unknown), 2048):
+        cols = unknown[s:s + 2048]
+        cov = (X[:, cols].T @ Xk).toarray() / n - np.outer(mean[cols], mean[kn])
+        denom = np.outer(sd[cols], sd[kn])
+        corr = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 1e-12)
+        top = np.argpartition(-corr, k - 1, axis=1)[:, :k]
+        w = np.clip(np.take_along_axis(corr, top, axis=1), 0, None)
+        live = w.sum(1) > 1e-8
+        vec = np.einsum("gk,gkd->gd", w[live], vectors[top[live]])
+        vec *= target / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+        out[s + np.flatnonzero(live)] = vec
+    return out.astype(np.float32)
 
 
 def read_gene_embedding(path: str | Path, genes: Sequence[str], *, dim: int | None = None,

@@ -104,6 +104,9 @@ class StageConfig:
         ``bf16`` runs forward passes under bfloat16 autocast (faster on recent CPUs and GPUs).
     cache_limit_gb
         Largest frozen-prefix cache kept in memory; above it, the prefix is recomputed per batch.
+    n_panel
+        Genes of the panel a first stage chooses from its highly variable genes
+        (``fit_stage(panel="hvg")``, CANAL's 1,000); later stages keep their panel.
     seed
         Seeds the split, the batch order, dropout and new classifier rows.
     """
@@ -128,6 +131,7 @@ class StageConfig:
     novelty_fpr: float = 0.05
     precision: Literal["fp32", "bf16"] = "fp32"
     cache_limit_gb: float = 6.0
+    n_panel: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,6 +143,8 @@ class StageConfig:
         check_loop_options(self)
         if not 0 < self.novelty_fpr < 1:
             raise ValueError(f"novelty_fpr must be in (0, 1), got {self.novelty_fpr}")
+        if self.n_panel < 1:
+            raise ValueError(f"n_panel must be at least 1, got {self.n_panel}")
         if not 0 <= self.panel_dropout < 1 or not 0 <= self.panel_dropout_cells <= 1:
             raise ValueError(f"panel_dropout must be in [0, 1) and panel_dropout_cells in "
                              f"[0, 1], got {self.panel_dropout} and {self.panel_dropout_cells}")

@@ -35,6 +35,10 @@ class ModelConfig:
         Dropout in the classification head.
     seed
         Seed for the initial weights and the attention's random projections.
+    n_vocab
+        Genes of the gene vocabulary (``CanalNet.vocab``: one embedding per gene of the
+        pre-training corpus, from which a task's panel takes its gene vectors); ``0``: no
+        vocabulary (the panel is the vocabulary, as in checkpoints written before it).
     """
 
     n_genes: int = 1000
@@ -49,6 +53,7 @@ class ModelConfig:
     rep_dim: int = 64
     head_dropout: float = 0.1
     seed: int = 0
+    n_vocab: int = 0
 
     @classmethod
     def paper(cls, n_genes: int = 1000, **overrides) -> ModelConfig:
@@ -57,7 +62,10 @@ class ModelConfig:
         return cls(n_genes=n_genes, **sizes)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["n_vocab"]:  # checkpoints without a vocabulary keep their config.json
+            del d["n_vocab"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -208,6 +216,10 @@ class CanalNet(nn.Module):
             self.head = ClassifierHead(config.seq_len, config.dim, hidden=config.head_hidden,
                                        rep_dim=config.rep_dim, n_classes=n_classes,
                                        dropout=config.head_dropout)
+            # created last, so that the other modules draw the same initial weights as a model
+            # without a vocabulary
+            self.vocab = (nn.Embedding(config.n_vocab, config.dim) if config.n_vocab > 0
+                          else None)
         if gene_embedding is not None:
             self.set_gene_embedding(gene_embedding)
 
@@ -234,27 +246,44 @@ class CanalNet(nn.Module):
     def depth(self) -> int:
         return self.performer.depth
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token + gene embeddings: the input of encoder layer 0."""
+    def embed(self, tokens: torch.Tensor, genes: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + gene embeddings: the input of encoder layer 0.
+
+        ``genes`` (``None``: the panel) reads the gene vectors from the vocabulary instead:
+        ``(n_genes,)`` or ``(cells, n_genes)`` row indices of :attr:`vocab`, one per gene token
+        (the extra token keeps its own vector). Pre-training draws a panel per batch this way.
+        """
         if tokens.shape[-1] != self.config.seq_len:
             raise ValueError(f"expected {self.config.seq_len} tokens per cell, got "
                              f"{tokens.shape[-1]}; bin cells with canal.pp.bin_tokens")
-        return self.token_emb(tokens) + self.pos_emb(tokens.shape[-1])
+        if genes is None:
+            return self.token_emb(tokens) + self.pos_emb(tokens.shape[-1])
+        if self.vocab is None:
+            raise ValueError("genes= reads the gene vocabulary, and this network has none "
+                             "(ModelConfig.n_vocab == 0)")
+        if genes.shape[-1] != self.config.n_genes:
+            raise ValueError(f"genes has {genes.shape[-1]} entries per cell, expected "
+                             f"{self.config.n_genes}")
+        vectors = self.vocab(genes)
+        extra = self.pos_emb.emb.weight[self.config.n_genes:]
+        extra = extra.expand(*vectors.shape[:-2], 1, extra.shape[-1])
+        return self.token_emb(tokens) + torch.cat([vectors, extra], dim=-2)
 
     def encode(self, tokens: torch.Tensor | None = None, *, hidden: torch.Tensor | None = None,
                present: torch.Tensor | None = None, start: int = 0,
-               stop: int | None = None) -> torch.Tensor:
+               stop: int | None = None, genes: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after encoder layers ``start:stop`` (no final norm).
 
         Give ``tokens`` to start from the embeddings (``start`` must be 0), or ``hidden`` (the
         output of layer ``start - 1``, e.g. cached) to resume from layer ``start``.
         ``present`` (``(cells, seq_len)`` bool, ``None``: all) marks the genes measured: the
-        others are no attention keys, so they reach no other token.
+        others are no attention keys, so they reach no other token. ``genes``: vocabulary rows
+        of the gene tokens (see :meth:`embed`).
         """
         if hidden is None:
             if tokens is None or start != 0:
                 raise ValueError("pass tokens (with start=0) or the hidden states of layer start-1")
-            hidden = self.embed(tokens)
+            hidden = self.embed(tokens, genes)
         return self.performer(hidden, start=start, stop=stop, key_mask=present)
 
     def forward(self, tokens: torch.Tensor | None = None, *, hidden: torch.Tensor | None = None,
