@@ -156,7 +156,8 @@ def test_evaluate_and_explain_write_through_temporaries(cells, typed_model, tmp_
     assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert {p.name for p in expl.iterdir()} == {"top_genes.csv", "gene_importance.csv",
                                                 "gene_importance.png", "params.json"}
-    assert sorted(p.name for p in report.iterdir()) == ["confusion.png", "metrics.json"]
+    assert sorted(p.name for p in report.iterdir()) == ["confusion.png", "metrics.json",
+                                                         "report.html"]
 
 
 def test_permission_and_missing_folder_are_named(tmp_path):
