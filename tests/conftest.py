@@ -61,3 +61,15 @@ def panel(baron) -> list[str]:
 @pytest.fixture
 def tiny_model(panel) -> Annotator:
     return Annotator.from_genes(panel, config=TINY)
+
+
+def load_script(path: Path, name: str):
+    """Import a benchmark script (not a package module) by its file path."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
