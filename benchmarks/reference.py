@@ -52,7 +52,9 @@ How to run
     .venv/bin/python benchmarks/reference.py --init random --quick  # tiny random model (dev)
 
 ``--init`` defaults to the configs' ``pretrained`` (the shipped weights); ``random`` swaps in a
-tiny randomly initialised model for development, and a path uses that checkpoint.
+tiny randomly initialised model for development; ``twin`` starts every run from random weights
+of the shipped model's size and gene panel, drawn from the run's seed (the no-pre-training arm
+of ``benchmarks/pretrain_vs_random.py``); a path uses that checkpoint.
 
 ``--quick`` is a smoke run, not a result: seed 0, 1 epoch per stage, and every data file cut to
 at most 3,000 randomly chosen cells (``--max-cells``; only the immune ``kang_ctrl_8donors`` file
@@ -128,7 +130,8 @@ def stream_config(name: str, *, init: str | None):
         A shipped config name or a TOML path.
     init
         ``None`` keeps the config's ``[model]``; ``"random"`` uses :data:`TINY_MODEL`; any other
-        string is a checkpoint directory to start from.
+        string is a checkpoint directory to start from (``"twin"`` is resolved per seed by
+        :func:`random_twin` before this is called).
 
     Returns
     -------
@@ -140,6 +143,19 @@ def stream_config(name: str, *, init: str | None):
     if init is None:
         return cfg
     return replace(cfg, model=dict(TINY_MODEL) if init == "random" else {"init": init})
+
+
+def random_twin(path: Path, *, seed: int) -> Path:
+    """A checkpoint with the shipped model's gene panel and size but fresh random weights
+    (random gene embeddings too) drawn from ``seed``: ``--init twin``, the "no pre-training"
+    arm of the pretrained-vs-random comparison. Written once per seed and reused."""
+    from canal import Annotator
+    from canal.nn import CanalNet
+
+    if not (path / "config.json").exists():
+        shipped = Annotator.from_pretrained()
+        Annotator(CanalNet(shipped.net.config.replace(seed=seed)), shipped.genes).save(path)
+    return path
 
 
 def stream_data(cfg, *, root: Path, seed: int) -> tuple[list, list, list]:
@@ -500,6 +516,9 @@ def weights_info(init: str | None) -> dict[str, Any]:
 
     if init == "random":
         return {"init": "random", "model": TINY_MODEL}
+    if init == "twin":
+        return {"init": "twin", **{k: v for k, v in weights_info(None).items()
+                                   if k in ("path", "model_config")}}
     if init is None:
         from canal.model import DEFAULT_WEIGHTS
 
@@ -637,8 +656,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-cells", type=int, default=None,
                    help="cut every data file to at most this many random cells (seeded)")
     p.add_argument("--init", default=None,
-                   help="'random' (tiny random model, for development) or a checkpoint "
-                        "directory; default: the configs' shipped pre-trained weights")
+                   help="'random' (tiny random model, for development), 'twin' (the shipped "
+                        "model's panel and size, random weights drawn from each run's seed: "
+                        "no pre-training) or a checkpoint directory; default: the configs' "
+                        "shipped pre-trained weights")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="shared data folder (default $CANAL_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -703,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     wants_canal = any(s in CANAL_STRATEGIES for s in args.strategies)
-    if wants_canal and args.init is None:
+    if wants_canal and args.init in (None, "twin"):
         from canal.model import DEFAULT_WEIGHTS
 
         if not (Path(DEFAULT_WEIGHTS) / "config.json").exists():
@@ -747,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine, "settings": settings, "runs": runs}
     stamp = {"git_commit": commit, "git_dirty": machine.get("git_dirty")}
     done = {(r["experiment"], r["method"], r["seed"]) for r in runs}
-    cfgs = [stream_config(exp, init=args.init) for exp in args.experiments]
+    cfgs = [stream_config(exp, init=None if args.init == "twin" else args.init)
+            for exp in args.experiments]
     if args.max_cells is not None:
         root = capped_data(cfgs, root=root, max_cells=args.max_cells,
                            out=out / f"data_max{args.max_cells}")
@@ -770,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
                         new = [{"experiment": cfg.name, "method": m, "seed": seed, **r}
                                for m, r in res.items()]
                     else:
+                        if args.init == "twin":
+                            twin = random_twin(out / "twins" / f"seed{seed}", seed=seed)
+                            cfg = replace(cfg, model={"init": str(twin)})
                         r = run_canal(cfg, strategy=method, seed=seed, epochs=args.epochs,
                                       root=root, plots=args.plots,
                                       out=out / "runs" / cfg.name / f"{method}_seed{seed}")
