@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -145,8 +147,85 @@ def robustness_table(file: str = "partial_panel_final/partial_panel_cross_specie
     return "\n".join(lines) + "\n"
 
 
+#: The pretrained-vs-random grid: (JSON of runs from the shipped weights, JSON of the same runs
+#: from ``reference.py --init twin``). Only the ``canal`` method's runs are compared.
+PRETRAIN_PAIRS = [("reference_full.json", "reference_full_twin.json"),
+                  ("reference_immune3.json", "reference_immune3_twin.json")]
+
+#: Test-set metrics of the pretrained-vs-random table: (header, key).
+PRETRAIN_METRICS = [("acc", "accuracy"), ("macro-F1", "macro_f1"), ("closed", "closed_accuracy")]
+
+
+def _canal_runs(payload: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(r["experiment"], r["seed"]): r for r in payload["runs"]
+            if r.get("method") == "canal" and "error" not in r}
+
+
+def pretrain_vs_random_rows(pairs: list[tuple[str, str]] | None = None, *,
+                            allow_mixed: bool = False) -> list[dict[str, Any]]:
+    """Per test set: the paired (same experiment, seed, splits) difference pretrained - random
+    for each metric of :data:`PRETRAIN_METRICS`, with both arms' means and the seeds used."""
+    rows = []
+    for pre_file, twin_file in PRETRAIN_PAIRS if pairs is None else pairs:
+        pre, twin = (_load(f, allow_mixed=allow_mixed) for f in (pre_file, twin_file))
+        commits = {r.get("git_commit") for p in (pre, twin) for r in p["runs"]}
+        if len(commits) > 1 and not allow_mixed:
+            raise ValueError(f"{pre_file} and {twin_file} come from different git commits "
+                             f"({', '.join(sorted(str(c)[:10] for c in commits))}); re-run one "
+                             "of them or pass --allow-mixed-commits")
+        if twin["settings"]["weights"].get("init") != "twin":
+            raise ValueError(f"{twin_file} is not a reference.py --init twin run")
+        if pre["settings"]["epochs"] != twin["settings"]["epochs"]:
+            raise ValueError(f"{pre_file} and {twin_file} ran different epochs")
+        a, b = _canal_runs(pre), _canal_runs(twin)
+        for exp in dict.fromkeys(e for e, _ in a):
+            seeds = sorted(s for e, s in a if e == exp and (e, s) in b)
+            if not seeds:
+                continue
+            for test in a[exp, seeds[0]]["tests"]:
+                row = {"experiment": exp, "test": test, "seeds": seeds,
+                       "epochs": pre["settings"]["epochs"]}
+                for _, key in PRETRAIN_METRICS:
+                    x = np.array([a[exp, s]["tests"][test][key] for s in seeds], dtype=float)
+                    y = np.array([b[exp, s]["tests"][test][key] for s in seeds], dtype=float)
+                    d = x - y
+                    row[key] = {"pretrained": float(x.mean()), "random": float(y.mean()),
+                                "gain": float(d.mean()),
+                                "gain_std": float(d.std(ddof=1)) if d.size > 1 else None}
+                rows.append(row)
+    return rows
+
+
+def pretrain_vs_random_table() -> str:
+    """Pretrained minus random initialisation, per cross-study test set (mean over seeds of the
+    paired difference ± its std), and the mean gain over the test sets."""
+    rows = pretrain_vs_random_rows()
+    head = ["test set", "epochs", "seeds"]
+    for h, _ in PRETRAIN_METRICS:
+        head += [f"{h} pretrained", f"{h} random", f"{h} gain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def gain(m: dict[str, Any]) -> str:
+        text = f"{m['gain']:+.3f}"
+        return text + (f" ± {m['gain_std']:.3f}" if m["gain_std"] is not None else "")
+
+    for r in rows:
+        cells = [r["test"], "config" if r["epochs"] is None else str(r["epochs"]),
+                 " ".join(map(str, r["seeds"]))]
+        for _, key in PRETRAIN_METRICS:
+            m = r[key]
+            cells += [f"{m['pretrained']:.3f}", f"{m['random']:.3f}", gain(m)]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = ["**mean over test sets**", "", ""]
+    for _, key in PRETRAIN_METRICS:
+        mean += ["", "", f"**{np.mean([r[key]['gain'] for r in rows]):+.3f}**"]
+    lines.append("| " + " | ".join(mean) + " |")
+    return "\n".join(lines) + "\n"
+
+
 #: README tables drawn by their own function (name -> function).
-CUSTOM = {"partial_panel_final/robustness": robustness_table}
+CUSTOM = {"partial_panel_final/robustness": robustness_table,
+          "pretrain_vs_random/grid": pretrain_vs_random_table}
 
 
 def render_table(name: str, *, allow_mixed: bool = False,

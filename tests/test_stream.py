@@ -135,3 +135,35 @@ def test_mouse_stage_is_matched_through_orthologs(tmp_path, data_root, panel):
     cells = ad.read_h5ad(data_root / "pancreas" / "baron_mouse.h5ad")[:50]
     with pytest.raises(ValueError, match="orthologs"):
         model.predict(cells, match={"orthologs": False}, novelty="none")
+
+
+def test_a_test_sets_warning_is_logged_once_per_stream(tmp_path, data_root, caplog,
+                                                      monkeypatch):
+    # Segerstolpe/Lawlor holds TPM-like values: every stage's test pass warns about them, but
+    # the stream logs each distinct warning once
+    import contextlib
+    import logging
+
+    from canal import stream
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_STREAM.replace("epochs = 3", "epochs = 1") + """
+[[tests]]
+name = "segerstolpe"
+file = "pancreas/segerstolpe_lawlor.h5ad"
+""")
+
+    def tpm_warnings() -> int:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="canal"):
+            res = run_stream(cfg, out_dir=tmp_path / "out", root=data_root, plots=False,
+                             save_model=False)
+        assert {r["stage"] for r in res["tests"] if r["test"] == "segerstolpe"} == {1, 2}
+        return sum("TPM/CPM-like" in r.getMessage() for r in caplog.records)
+
+    assert tpm_warnings() == 1
+    # outside a stream nothing is filtered any more
+    assert not any(logging.getLogger(n).filters for n in ("canal", "canal.pp"))
+    # without the filter the same stream repeats it (the check above can fail)
+    monkeypatch.setattr(stream, "_each_warning_once", contextlib.nullcontext)
+    assert tpm_warnings() > 1

@@ -31,6 +31,7 @@ import json
 import logging
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,34 @@ def _evaluate(model: Annotator, adata, spec: DataSpec, *, novelty: str) -> dict[
     return out
 
 
+@contextmanager
+def _each_warning_once():
+    """Let each distinct canal warning through once: a stream annotates the same test sets
+    with the same panel after every stage, and their warnings (a partial panel, TPM-like
+    values) would otherwise repeat once per stage."""
+    seen: set[tuple[str, str]] = set()
+
+    def once(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    names = [n for n in list(logging.root.manager.loggerDict)
+             if n == "canal" or n.startswith("canal.")]
+    loggers = [logging.getLogger(n) for n in names]
+    for lg in loggers:
+        lg.addFilter(once)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(once)
+
+
 def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
                root: str | Path | None = None, strategy: str | None = None,
                seed: int = 0, epochs: int | None = None, plots: bool = True,
@@ -175,6 +204,14 @@ def run_stream(config: StreamConfig | str | Path, *, out_dir: str | Path,
     -------
     The results dictionary (also written to ``out_dir/results.json``).
     """
+    with _each_warning_once():
+        return _run_stream(config, out_dir=out_dir, root=root, strategy=strategy, seed=seed,
+                           epochs=epochs, plots=plots, save_model=save_model,
+                           test_every_stage=test_every_stage)
+
+
+def _run_stream(config, *, out_dir, root, strategy, seed, epochs, plots, save_model,
+                test_every_stage) -> dict[str, Any]:
     cfg = config if isinstance(config, StreamConfig) else StreamConfig.from_toml(config)
     root = Path(root) if root is not None else data_dir()
     out = Path(out_dir)
