@@ -54,7 +54,8 @@ How to run
 ``--init`` defaults to the configs' ``pretrained`` (the shipped weights); ``random`` swaps in a
 tiny randomly initialised model for development; ``twin`` starts every run from random weights
 of the shipped model's size and gene panel, drawn from the run's seed (the no-pre-training arm
-of ``benchmarks/pretrain_vs_random.py``); a path uses that checkpoint.
+of ``benchmarks/pretrain_vs_random.py``); ``hvg`` starts from random weights of canal's default
+size on a panel of the first stage's 1,000 most variable genes; a path uses that checkpoint.
 
 ``--quick`` is a smoke run, not a result: seed 0, 1 epoch per stage, and every data file cut to
 at most 3,000 randomly chosen cells (``--max-cells``; only the immune ``kang_ctrl_8donors`` file
@@ -105,6 +106,10 @@ CT_BEST, CT_PROB = "celltypist", "celltypist prob"
 TINY_MODEL = {"init": "random", "n_genes": 300, "dim": 16, "depth": 2, "heads": 2, "dim_head": 8,
               "head_hidden": 32, "rep_dim": 16}
 """Model of ``--init random``: small enough that a stream runs in seconds (development only)."""
+HVG_MODEL = {"init": "random", "panel_from": "first", "n_genes": 1000}
+"""Model of ``--init hvg``: canal's default size, random weights, a panel of the first stage's
+1,000 most variable genes (what ``canal fit`` on a first dataset without ``--from`` would
+start from)."""
 TEST_METRICS = ("accuracy", "closed_accuracy", "macro_f1", "ari", "known_accuracy",
                 "unknown_accuracy", "h_score")
 QUICK_EPOCHS = 1
@@ -142,6 +147,8 @@ def stream_config(name: str, *, init: str | None):
     cfg = StreamConfig.from_toml(name)
     if init is None:
         return cfg
+    if init == "hvg":
+        return replace(cfg, model=dict(HVG_MODEL))
     return replace(cfg, model=dict(TINY_MODEL) if init == "random" else {"init": init})
 
 
@@ -516,6 +523,8 @@ def weights_info(init: str | None) -> dict[str, Any]:
 
     if init == "random":
         return {"init": "random", "model": TINY_MODEL}
+    if init == "hvg":
+        return {"init": "hvg", "model": HVG_MODEL}
     if init == "twin":
         return {"init": "twin", **{k: v for k, v in weights_info(None).items()
                                    if k in ("path", "model_config")}}
@@ -658,7 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--init", default=None,
                    help="'random' (tiny random model, for development), 'twin' (the shipped "
                         "model's panel and size, random weights drawn from each run's seed: "
-                        "no pre-training) or a checkpoint directory; default: the configs' "
+                        "no pre-training), 'hvg' (default size, random weights, the first stage's "
+                        "1,000 HVGs as panel) or a checkpoint directory; default: the configs' "
                         "shipped pre-trained weights")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="shared data folder (default $CANAL_DATA or ../shared/data)")

@@ -167,3 +167,26 @@ file = "pancreas/segerstolpe_lawlor.h5ad"
     # without the filter the same stream repeats it (the check above can fail)
     monkeypatch.setattr(stream, "_each_warning_once", contextlib.nullcontext)
     assert tpm_warnings() > 1
+
+
+def test_random_init_panel_from_the_first_stage(tmp_path, data_root):
+    from dataclasses import replace
+
+    from canal.model import Annotator
+    from canal.stream import _init_model, load_cells
+
+    cfg = StreamConfig.from_toml(_write(tmp_path, TINY_STREAM))
+    stages = [load_cells(s, root=data_root) for s in cfg.stages]
+    first = _init_model(replace(cfg, model=cfg.model | {"panel_from": "first"}), stages, seed=0)
+    both = _init_model(cfg, stages, seed=0)
+    # the first stage's HVGs only (what `canal fit` on a first dataset picks), not both stages'
+    assert first.genes == Annotator.create(stages[0], n_genes=150).genes
+    assert first.genes != both.genes and len(first.genes) == len(both.genes) == 150
+    with pytest.raises(ValueError, match="panel_from must be 'stages' or 'first'"):
+        _init_model(replace(cfg, model=cfg.model | {"panel_from": "last"}), stages, seed=0)
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "stream.toml"
+    path.write_text(text)
+    return path

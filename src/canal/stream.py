@@ -5,7 +5,10 @@ A stream is described in TOML (see ``src/canal/configs/*.toml``)::
     name = "pancreas"
     [model]
     init = "pretrained"          # or "random" (HVG panel from the stages; n_genes, size =
-                                 # "default"/"paper" and ModelConfig fields), or a checkpoint
+                                 # "default"/"paper" and ModelConfig fields; panel_from =
+                                 # "stages" (all, default) or "first" (the first stage's
+                                 # cells only, as `canal fit` on a first dataset)), or a
+                                 # checkpoint
     [train]                      # any canal.train.StageConfig field
     strategy = "canal"
     epochs = 15
@@ -100,7 +103,12 @@ def _init_model(cfg: StreamConfig, stages: list, *, seed: int) -> Annotator:
         mc = ModelConfig.paper() if size == "paper" else ModelConfig()
         sizes = {f.name for f in fields(ModelConfig)} - {"n_genes", "seed"}
         mc = mc.replace(seed=seed, **{k: v for k, v in cfg.model.items() if k in sizes})
-        return Annotator.create(stages, n_genes=int(cfg.model.get("n_genes", 1000)), config=mc)
+        panel_from = cfg.model.get("panel_from", "stages")
+        if panel_from not in ("stages", "first"):
+            raise ValueError(f"[model] panel_from must be 'stages' or 'first', got "
+                             f"{panel_from!r}")
+        return Annotator.create(stages[:1] if panel_from == "first" else stages,
+                                n_genes=int(cfg.model.get("n_genes", 1000)), config=mc)
     return Annotator.from_pretrained(init)
 
 
