@@ -46,7 +46,7 @@ How to run
 ::
 
     .venv/bin/python benchmarks/reference.py --hour --out OUT       # the one-hour grid
-    .venv/bin/python benchmarks/reference.py                        # everything, seeds 0 1 2
+    .venv/bin/python benchmarks/reference.py --full                 # everything, seeds 0 1 2
     .venv/bin/python benchmarks/reference.py --quick                # smoke: see below
     .venv/bin/python benchmarks/reference.py --experiments immune --strategies canal celltypist
     .venv/bin/python benchmarks/reference.py --init random --quick  # tiny random model (dev)
@@ -111,7 +111,10 @@ HVG_MODEL = {"init": "random", "panel_from": "first", "n_genes": 1000}
 1,000 most variable genes (what ``canal fit`` on a first dataset without ``--from`` would
 start from)."""
 TEST_METRICS = ("accuracy", "closed_accuracy", "macro_f1", "ari", "known_accuracy",
-                "unknown_accuracy", "h_score")
+                "unknown_accuracy", "h_score", "unassigned_known")
+MIXUP_METRICS = ("accuracy", "h_score", "unassigned_known")
+"""CANAL's mixup novelty rule, scored on the same predictions next to the default rule
+(summary keys ``"<test set>/mixup_<metric>"``)."""
 QUICK_EPOCHS = 1
 QUICK_MAX_CELLS = 3000
 HOUR_EXPERIMENTS = ("cross_species", "novel_pancreas", "immune", "novel_immune")
@@ -417,8 +420,13 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
                 for test, m in r["tests"].items():
                     for k in TEST_METRICS:
                         values.setdefault(f"{test}/{k}", []).append(m.get(k))
+                    for k in MIXUP_METRICS:
+                        values.setdefault(f"{test}/mixup_{k}", []).append(
+                            (m.get("mixup") or {}).get(k))
                 for k in ("average_accuracy", "backward_transfer", "forgetting", "seconds"):
                     values.setdefault(k, []).append(r.get(k))
+                values.setdefault("minutes", []).append(
+                    None if r.get("seconds") is None else r["seconds"] / 60)
             stats = {}
             for k, v in values.items():
                 mean, std, n = _mean_std(v)
@@ -658,6 +666,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: seed 0, {QUICK_EPOCHS} epoch(s), at most "
                         f"{QUICK_MAX_CELLS} cells per data file")
+    p.add_argument("--full", action="store_true",
+                   help="the full-data grid: every cell, the configs' recipe, seeds 0 1 2 (what "
+                        "runs without --quick/--hour; the flag makes it explicit and refuses "
+                        "--max-cells/--epochs)")
     p.add_argument("--hour", action="store_true",
                    help=f"the one-hour grid on a 2-core CPU: experiments "
                         f"{' '.join(HOUR_EXPERIMENTS)}, every method, seeds 0 1 2, "
@@ -692,8 +704,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "tables (refused by default: a table compares one code version)")
     p.add_argument("--verbose", action="store_true", help="canal's and CellTypist's info logs")
     args = p.parse_args(argv)
-    if args.quick and args.hour:
-        p.error("--quick and --hour are alternatives; pass one")
+    if sum((args.quick, args.hour, args.full)) > 1:
+        p.error("--quick, --hour and --full are alternatives; pass one")
+    if args.full and (args.max_cells is not None or args.epochs is not None):
+        p.error("--full runs every cell with the configs' epochs; drop --max-cells/--epochs "
+                "(or drop --full for a reduced run)")
     if args.experiments is None:
         args.experiments = list(HOUR_EXPERIMENTS if args.hour else EXPERIMENTS)
     if args.seeds is None:

@@ -89,6 +89,39 @@ TABLES: dict[str, tuple[str, str, list[Column]]] = {
 }
 
 
+_FULL_STREAM_COLS: list[Column] = [("held-out", "average_accuracy", False, 3, True),
+                                   ("BWT", "backward_transfer", True, 3, True),
+                                   ("min/run", "minutes", False, 1, False)]
+
+TABLES |= {
+    "reference_full/cross_species": ("reference_full.json", "cross_species", [
+        *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                               ("F1", "macro_f1")]),
+        *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [("acc", "accuracy"),
+                                                          ("closed", "closed_accuracy"),
+                                                          ("F1", "macro_f1")]),
+        *_test_cols("baron mouse", "mouse", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                             ("H", "h_score")]),
+        *_FULL_STREAM_COLS]),
+    "reference_full/novel_pancreas": ("reference_full_novel_pancreas.json", "novel_pancreas", [
+        *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                               ("known→Unassigned", "unassigned_known"),
+                                               ("H", "h_score"), ("mixup H", "mixup_h_score")]),
+        *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [("closed", "closed_accuracy"),
+                                                          ("H", "h_score"),
+                                                          ("mixup H", "mixup_h_score")]),
+        *_FULL_STREAM_COLS]),
+    "reference_full_immune3/immune": ("reference_full_immune3.json", "immune", [
+        *_test_cols("kang unseen donors", "Kang unseen donors", [("acc", "accuracy"),
+                                                                 ("closed", "closed_accuracy")]),
+        *_test_cols("pbmc3k 20%", "pbmc3k 20%", [("acc", "accuracy"),
+                                                 ("closed", "closed_accuracy")]),
+        *_test_cols("kang_stim", "kang_stim", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                               ("H", "h_score")]),
+        *_FULL_STREAM_COLS]),
+}
+
+
 def reference_module():
     """``benchmarks/reference.py`` as a module (its summary and Markdown renderer)."""
     name = "reference_bench"
@@ -150,7 +183,13 @@ def robustness_table(file: str = "partial_panel_final/partial_panel_cross_specie
 #: The pretrained-vs-random grid: (JSON of runs from the shipped weights, JSON of the same runs
 #: from ``reference.py --init twin``). Only the ``canal`` method's runs are compared.
 PRETRAIN_PAIRS = [("reference_full.json", "reference_full_twin.json"),
-                  ("reference_immune3.json", "reference_immune3_twin.json")]
+                  ("reference_full_immune3.json", "reference_full_immune3_twin.json")]
+
+#: The two random starts next to the shipped weights on the pancreas stream: the same panel
+#: (``--init twin``) and the first stage's own HVG panel (``--init hvg``).
+RANDOM_PANEL_FILES = {"pretrained": "reference_full.json",
+                      "random, shipped panel": "reference_full_twin.json",
+                      "random, first stage's 1,000 HVGs": "reference_full_hvg.json"}
 
 #: Test-set metrics of the pretrained-vs-random table: (header, key).
 PRETRAIN_METRICS = [("acc", "accuracy"), ("macro-F1", "macro_f1"), ("closed", "closed_accuracy")]
@@ -173,7 +212,7 @@ def pretrain_vs_random_rows(pairs: list[tuple[str, str]] | None = None, *,
             raise ValueError(f"{pre_file} and {twin_file} come from different git commits "
                              f"({', '.join(sorted(str(c)[:10] for c in commits))}); re-run one "
                              "of them or pass --allow-mixed-commits")
-        if twin["settings"]["weights"].get("init") != "twin":
+        if twin["settings"]["weights"].get("init") not in ("twin", "hvg"):
             raise ValueError(f"{twin_file} is not a reference.py --init twin run")
         if pre["settings"]["epochs"] != twin["settings"]["epochs"]:
             raise ValueError(f"{pre_file} and {twin_file} ran different epochs")
@@ -223,9 +262,32 @@ def pretrain_vs_random_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def random_panel_table(files: dict[str, str] | None = None, *,
+                       experiment: str = "cross_species") -> str:
+    """Accuracy and closed-set accuracy per test set for each start of
+    :data:`RANDOM_PANEL_FILES` (mean ± std over seeds), with the git commit of each arm: the
+    HVG arm was run later than the other two (the commits between them change no training
+    code; the table says which they are)."""
+    files = RANDOM_PANEL_FILES if files is None else files
+    arms = {label: _load(f, allow_mixed=False) for label, f in files.items()}
+    tests = list(next(iter(arms.values()))["summary"][experiment]["canal"])
+    tests = list(dict.fromkeys(k.split("/")[0] for k in tests if "/" in k))
+    head = ["start", "git commit"] + [f"{t} {h}" for t in tests for h in ("acc", "closed")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, payload in arms.items():
+        stats = payload["summary"][experiment]["canal"]
+        commit = sorted({str(r.get("git_commit"))[:7] for r in payload["runs"]})
+        cells = [f"{label} (n={len(stats['seeds'])})", " ".join(commit)]
+        cells += [_stat(stats.get(f"{t}/{k}"), signed=False, digits=3, std=True)
+                  for t in tests for k in ("accuracy", "closed_accuracy")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 #: README tables drawn by their own function (name -> function).
 CUSTOM = {"partial_panel_final/robustness": robustness_table,
-          "pretrain_vs_random/grid": pretrain_vs_random_table}
+          "pretrain_vs_random/grid": pretrain_vs_random_table,
+          "pretrain_vs_random/panel": random_panel_table}
 
 
 def render_table(name: str, *, allow_mixed: bool = False,

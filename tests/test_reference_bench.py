@@ -73,6 +73,22 @@ def test_summary_mean_std_and_table(reference):
         "| method | t acc | t closed acc | t F1 | t ARI | t H |")
     assert "0.850 ± 0.071 | 0.900 ± 0.071" in table and "-0.100 ± 0.000" in table
     assert "novel types gamma" in table and "trained on 123 genes" in table
+    # CANAL's mixup rule, scored on the same predictions, and the run time in minutes
+    runs[0]["tests"]["t"]["mixup"] = {"accuracy": 0.6, "h_score": 0.4}
+    runs[1]["tests"]["t"]["mixup"] = {"accuracy": 0.8, "h_score": 0.6}
+    canal = reference.summarize_runs(runs)["x"]["canal"]
+    assert canal["t/mixup_h_score"]["mean"] == pytest.approx(0.5)
+    assert canal["t/mixup_unassigned_known"]["n"] == 0 and canal["minutes"]["mean"] == 1 / 60
+    assert reference.summarize_runs(runs)["x"]["celltypist"]["t/mixup_accuracy"]["n"] == 0
+
+
+def test_full_grid_flag(reference):
+    args = reference.parse_args(["--full"])
+    assert args.experiments == list(reference.EXPERIMENTS) and args.seeds == [0, 1, 2]
+    assert args.epochs is None and args.max_cells is None
+    for extra in (["--epochs", "3"], ["--max-cells", "800"], ["--hour"], ["--quick"]):
+        with pytest.raises(SystemExit):
+            reference.parse_args(["--full", *extra])
 
 
 @pytest.fixture
