@@ -137,8 +137,7 @@ def test_mouse_stage_is_matched_through_orthologs(tmp_path, data_root, panel):
         model.predict(cells, match={"orthologs": False}, novelty="none")
 
 
-def test_a_test_sets_warning_is_logged_once_per_stream(tmp_path, data_root, caplog,
-                                                      monkeypatch):
+def test_a_test_sets_warning_is_logged_once_per_stream(tmp_path, data_root, monkeypatch):
     # Segerstolpe/Lawlor holds TPM-like values: every stage's test pass warns about them, but
     # the stream logs each distinct warning once
     import contextlib
@@ -153,13 +152,27 @@ name = "segerstolpe"
 file = "pancreas/segerstolpe_lawlor.h5ad"
 """)
 
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
     def tpm_warnings() -> int:
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="canal"):
+        # a handler on canal.pp itself: other tests (the CLI's) change propagation and levels
+        pp_logger, handler = logging.getLogger("canal.pp"), Collect()
+        level, pp_logger.level = pp_logger.level, logging.WARNING
+        pp_logger.addHandler(handler)
+        try:
             res = run_stream(cfg, out_dir=tmp_path / "out", root=data_root, plots=False,
                              save_model=False)
+        finally:
+            pp_logger.removeHandler(handler)
+            pp_logger.setLevel(level)
         assert {r["stage"] for r in res["tests"] if r["test"] == "segerstolpe"} == {1, 2}
-        return sum("TPM/CPM-like" in r.getMessage() for r in caplog.records)
+        return sum("TPM/CPM-like" in m for m in handler.messages)
 
     assert tpm_warnings() == 1
     # outside a stream nothing is filtered any more
