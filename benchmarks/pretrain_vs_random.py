@@ -17,6 +17,7 @@ weights' runs out (when they were run already at this commit).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import tempfile
@@ -27,19 +28,19 @@ import numpy as np
 import torch
 
 import canal
-from canal import Annotator
-from canal.nn import CanalNet
 from canal.stream import StreamConfig, run_stream
 
 canal.settings.progress = False
 
 
 def random_twin(path: Path, *, seed: int) -> Path:
-    """A checkpoint with the shipped model's panel and size but fresh random weights."""
-    shipped = Annotator.from_pretrained()
-    config = shipped.net.config.replace(seed=seed)
-    Annotator(CanalNet(config), shipped.genes).save(path)
-    return path
+    """A checkpoint with the shipped model's panel and size but fresh random weights (the same
+    builder as ``benchmarks/reference.py --init twin``, whose grid supersedes this script)."""
+    spec = importlib.util.spec_from_file_location(
+        "reference_bench", Path(__file__).resolve().parent / "reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    return reference.random_twin(path, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -817,10 +817,9 @@ def main(argv: list[str] | None = None) -> int:
                         new = [{"experiment": cfg.name, "method": m, "seed": seed, **r}
                                for m, r in res.items()]
                     else:
-                        if args.init == "twin":
-                            twin = random_twin(out / "twins" / f"seed{seed}", seed=seed)
-                            cfg = replace(cfg, model={"init": str(twin)})
-                        r = run_canal(cfg, strategy=method, seed=seed, epochs=args.epochs,
+                        run_cfg = cfg if args.init != "twin" else replace(cfg, model={
+                            "init": str(random_twin(out / "twins" / f"seed{seed}", seed=seed))})
+                        r = run_canal(run_cfg, strategy=method, seed=seed, epochs=args.epochs,
                                       root=root, plots=args.plots,
                                       out=out / "runs" / cfg.name / f"{method}_seed{seed}")
                         new = [{"experiment": cfg.name, "method": method, "seed": seed, **r}]

@@ -213,7 +213,7 @@ def pretrain_vs_random_rows(pairs: list[tuple[str, str]] | None = None, *,
                              f"({', '.join(sorted(str(c)[:10] for c in commits))}); re-run one "
                              "of them or pass --allow-mixed-commits")
         if twin["settings"]["weights"].get("init") not in ("twin", "hvg"):
-            raise ValueError(f"{twin_file} is not a reference.py --init twin run")
+            raise ValueError(f"{twin_file} is not a reference.py --init twin (or hvg) run")
         if pre["settings"]["epochs"] != twin["settings"]["epochs"]:
             raise ValueError(f"{pre_file} and {twin_file} ran different epochs")
         a, b = _canal_runs(pre), _canal_runs(twin)
