@@ -129,8 +129,9 @@ HOUR_MAX_CELLS = 800
 # --------------------------------------------------------------------------------------------
 
 
-def stream_config(name: str, *, init: str | None):
-    """The shipped stream config ``name``, its model swapped according to ``init``.
+def stream_config(name: str, *, init: str | None, panel: str | None = None):
+    """The shipped stream config ``name``, its model swapped according to ``init`` and its
+    first stage's panel set to ``panel``.
 
     Parameters
     ----------
@@ -140,6 +141,9 @@ def stream_config(name: str, *, init: str | None):
         ``None`` keeps the config's ``[model]``; ``"random"`` uses :data:`TINY_MODEL`; any other
         string is a checkpoint directory to start from (``"twin"`` is resolved per seed by
         :func:`random_twin` before this is called).
+    panel
+        ``[model] panel`` (``"auto"``, ``"hvg"``, ``"pretrained"``); ``None`` keeps the
+        config's.
 
     Returns
     -------
@@ -148,11 +152,13 @@ def stream_config(name: str, *, init: str | None):
     from canal.stream import StreamConfig
 
     cfg = StreamConfig.from_toml(name)
-    if init is None:
-        return cfg
     if init == "hvg":
-        return replace(cfg, model=dict(HVG_MODEL))
-    return replace(cfg, model=dict(TINY_MODEL) if init == "random" else {"init": init})
+        cfg = replace(cfg, model=dict(HVG_MODEL))
+    elif init is not None:
+        cfg = replace(cfg, model=dict(TINY_MODEL) if init == "random" else {"init": init})
+    if panel is not None:
+        cfg = replace(cfg, model={**cfg.model, "panel": panel})
+    return cfg
 
 
 def random_twin(path: Path, *, seed: int) -> Path:
@@ -682,6 +688,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "no pre-training), 'hvg' (default size, random weights, the first stage's "
                         "1,000 HVGs as panel) or a checkpoint directory; default: the configs' "
                         "shipped pre-trained weights")
+    p.add_argument("--panel", choices=("auto", "hvg", "pretrained"), default=None,
+                   help="the first stage's gene panel ([model] panel of the stream configs; "
+                        "default: the configs' own, 'auto': hvg for weights with a gene "
+                        "vocabulary, else the weights' panel)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="shared data folder (default $CANAL_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -761,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds": args.seeds, "epochs": args.epochs, "quick": args.quick,
                 "hour": args.hour,
                 "max_cells": args.max_cells,
-                "weights": weights_info(args.init), "celltypist_genes": args.celltypist_genes,
+                "weights": weights_info(args.init), "panel": args.panel,
+                "celltypist_genes": args.celltypist_genes,
                 "celltypist_max_iter": args.celltypist_max_iter,
                 "celltypist_sgd": args.celltypist_sgd,
                 "celltypist_feature_selection": args.celltypist_feature_selection,
@@ -769,8 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if args.resume and (out / "reference.json").exists():
         old = json.loads((out / "reference.json").read_text())
-        same = ("epochs", "max_cells", "weights", "celltypist_genes", "celltypist_max_iter",
-                "p_thres")
+        same = ("epochs", "max_cells", "weights", "panel", "celltypist_genes",
+                "celltypist_max_iter", "p_thres")
         if any(old["settings"].get(k) != settings[k] for k in same):
             print(f"--resume: {out}/reference.json was made with other settings "
                   f"({', '.join(same)}); pass another --out", file=sys.stderr)
@@ -793,8 +804,8 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine, "settings": settings, "runs": runs}
     stamp = {"git_commit": commit, "git_dirty": machine.get("git_dirty")}
     done = {(r["experiment"], r["method"], r["seed"]) for r in runs}
-    cfgs = [stream_config(exp, init=None if args.init == "twin" else args.init)
-            for exp in args.experiments]
+    cfgs = [stream_config(exp, init=None if args.init == "twin" else args.init,
+                          panel=args.panel) for exp in args.experiments]
     if args.max_cells is not None:
         root = capped_data(cfgs, root=root, max_cells=args.max_cells,
                            out=out / f"data_max{args.max_cells}")
@@ -818,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                                for m, r in res.items()]
                     else:
                         run_cfg = cfg if args.init != "twin" else replace(cfg, model={
+                            **cfg.model,
                             "init": str(random_twin(out / "twins" / f"seed{seed}", seed=seed))})
                         r = run_canal(run_cfg, strategy=method, seed=seed, epochs=args.epochs,
                                       root=root, plots=args.plots,

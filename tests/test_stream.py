@@ -203,3 +203,26 @@ def _write(tmp_path, text: str):
     path = tmp_path / "stream.toml"
     path.write_text(text)
     return path
+
+
+def test_model_panel_chooses_the_first_stages_panel(tmp_path, data_root):
+    from canal import Annotator, pp
+    from canal.stream import load_cells
+
+    text = TINY_STREAM.replace('rep_dim = 16\n', 'rep_dim = 16\npanel = "hvg"\n').replace(
+        "epochs = 3\n", "epochs = 1\nn_panel = 120\n")
+    cfg = _write(tmp_path, text)
+    run_stream(cfg, out_dir=tmp_path / "out", root=data_root, seed=0)
+    model = Annotator.from_pretrained(tmp_path / "out" / "model")
+    # the random model's 150-gene panel (both stages' HVGs) replaced at stage 1 by the first
+    # stage's own 120 most variable genes, kept at stage 2
+    first = StreamConfig.from_toml(cfg).stages[0]
+    from canal.datasets import holdout_split
+
+    train, _ = holdout_split(load_cells(first, root=data_root), labels_key=first.labels_key,
+                             holdout=0.25, seed=0)
+    assert model.genes == pp.highly_variable_panel([train], n_genes=120)
+    assert model.meta["panel"]["source"] == "hvg" and model.stage == 2
+    bad = _write(tmp_path, TINY_STREAM.replace('rep_dim = 16\n', 'rep_dim = 16\npanel = "all"\n'))
+    with pytest.raises(ValueError, match="panel must be 'auto', 'hvg', 'pretrained'"):
+        run_stream(bad, out_dir=tmp_path / "bad", root=tmp_path / "no-data-here")

@@ -9,6 +9,8 @@ A stream is described in TOML (see ``src/canal/configs/*.toml``)::
                                  # "stages" (all, default) or "first" (the first stage's
                                  # cells only, as `canal fit` on a first dataset)), or a
                                  # checkpoint
+    panel = "auto"               # the first stage's panel= (Annotator.fit_stage): "auto",
+                                 # "hvg", "pretrained" or a list of gene symbols
     [train]                      # any canal.train.StageConfig field
     strategy = "canal"
     epochs = 15
@@ -110,6 +112,17 @@ def _init_model(cfg: StreamConfig, stages: list, *, seed: int) -> Annotator:
         return Annotator.create(stages[:1] if panel_from == "first" else stages,
                                 n_genes=int(cfg.model.get("n_genes", 1000)), config=mc)
     return Annotator.from_pretrained(init)
+
+
+def _first_panel(cfg: StreamConfig) -> str | list[str] | None:
+    """``[model] panel``: the first stage's ``panel=`` (``None``/``"auto"``: the model's rule)."""
+    panel = cfg.model.get("panel", "auto")
+    if isinstance(panel, list) and all(isinstance(g, str) for g in panel):
+        return panel
+    if panel not in ("auto", "hvg", "pretrained"):
+        raise ValueError(f"[model] panel must be 'auto', 'hvg', 'pretrained' or a list of gene "
+                         f"symbols, got {panel!r}")
+    return None if panel == "auto" else panel
 
 
 def _novelty_metrics(truth: np.ndarray, pred: np.ndarray, types: list[str]) -> dict[str, Any]:
@@ -232,6 +245,7 @@ def _run_stream(config, *, out_dir, root, strategy, seed, epochs, plots, save_mo
     stage_config = StageConfig(**train)
     t0 = time.perf_counter()
     cache: dict = {}
+    panel = _first_panel(cfg)  # a bad value fails before any data is read
     stage_train, stage_hold = [], []
     for spec in cfg.stages:
         train, hold = holdout_split(load_cells(spec, root=root, cache=cache),
@@ -246,7 +260,7 @@ def _run_stream(config, *, out_dir, root, strategy, seed, epochs, plots, save_mo
         logger.info("stage %d/%d: %s (%d cells)", t, len(cfg.stages), spec.name, adata.n_obs)
         ts = time.perf_counter()
         model.fit_stage(adata, labels_key=spec.labels_key, config=stage_config,
-                        match=spec.match(model.match))
+                        match=spec.match(model.match), panel=panel if t == 1 else None)
         h = model.history[-1]
         counts = adata.obs[spec.labels_key].astype(str).value_counts()
         stage_info.append({"stage": t, "name": spec.name, "n_cells": adata.n_obs,
