@@ -185,6 +185,17 @@ def robustness_table(file: str = "partial_panel_final/partial_panel_cross_specie
 PRETRAIN_PAIRS = [("reference_full.json", "reference_full_twin.json"),
                   ("reference_full_immune3.json", "reference_full_immune3_twin.json")]
 
+#: The vocabulary weights (``canal pretrain --vocabulary --mask-on balanced``) against random
+#: weights: with the default ``auto`` panel (the first stage's 1,000 HVGs) against
+#: ``--init hvg``, and on the weights' own panel (``--panel pretrained``) against
+#: ``--init twin``. The random arms were run at earlier commits that changed no training code;
+#: the table names each run's commit.
+VOCAB_PAIRS = [("reference_full_vocab.json", "reference_full_hvg.json"),
+               ("reference_full_immune3_vocab.json", "reference_full_immune3_hvg.json")]
+VOCAB_PANEL_PAIRS = [("reference_full_vocab_panel.json", "reference_full_twin.json"),
+                     ("reference_full_immune3_vocab_panel.json",
+                      "reference_full_immune3_twin.json")]
+
 #: The two random starts next to the shipped weights on the pancreas stream: the same panel
 #: (``--init twin``) and the first stage's own HVG panel (``--init hvg``).
 RANDOM_PANEL_FILES = {"pretrained": "reference_full.json",
@@ -201,11 +212,16 @@ def _canal_runs(payload: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]
 
 
 def pretrain_vs_random_rows(pairs: list[tuple[str, str]] | None = None, *,
-                            allow_mixed: bool = False) -> list[dict[str, Any]]:
+                            allow_mixed: bool = False, skip_missing: bool = False
+                            ) -> list[dict[str, Any]]:
     """Per test set: the paired (same experiment, seed, splits) difference pretrained - random
-    for each metric of :data:`PRETRAIN_METRICS`, with both arms' means and the seeds used."""
+    for each metric of :data:`PRETRAIN_METRICS`, with both arms' means, the seeds used and the
+    git commits of the two arms. ``skip_missing``: leave out a pair whose pretrained file is
+    not there yet."""
     rows = []
     for pre_file, twin_file in PRETRAIN_PAIRS if pairs is None else pairs:
+        if not (RESULTS / pre_file).exists() and pairs is not None and skip_missing:
+            continue
         pre, twin = (_load(f, allow_mixed=allow_mixed) for f in (pre_file, twin_file))
         commits = {r.get("git_commit") for p in (pre, twin) for r in p["runs"]}
         if len(commits) > 1 and not allow_mixed:
@@ -223,7 +239,9 @@ def pretrain_vs_random_rows(pairs: list[tuple[str, str]] | None = None, *,
                 continue
             for test in a[exp, seeds[0]]["tests"]:
                 row = {"experiment": exp, "test": test, "seeds": seeds,
-                       "epochs": pre["settings"]["epochs"]}
+                       "epochs": pre["settings"]["epochs"],
+                       "commits": [sorted({str(run[exp, s].get("git_commit"))[:7]
+                                           for s in seeds}) for run in (a, b)]}
                 for _, key in PRETRAIN_METRICS:
                     x = np.array([a[exp, s]["tests"][test][key] for s in seeds], dtype=float)
                     y = np.array([b[exp, s]["tests"][test][key] for s in seeds], dtype=float)
@@ -235,11 +253,13 @@ def pretrain_vs_random_rows(pairs: list[tuple[str, str]] | None = None, *,
     return rows
 
 
-def pretrain_vs_random_table() -> str:
+def pretrain_vs_random_table(pairs: list[tuple[str, str]] | None = None, *,
+                             mixed: bool = False) -> str:
     """Pretrained minus random initialisation, per cross-study test set (mean over seeds of the
-    paired difference ± its std), and the mean gain over the test sets."""
-    rows = pretrain_vs_random_rows()
-    head = ["test set", "epochs", "seeds"]
+    paired difference ± its std), and the mean gain over the test sets. ``mixed``: the arms may
+    come from different git commits; a column then names them (pretrained / random)."""
+    rows = pretrain_vs_random_rows(pairs, allow_mixed=mixed, skip_missing=pairs is not None)
+    head = ["test set", "epochs", "seeds"] + (["commits"] if mixed else [])
     for h, _ in PRETRAIN_METRICS:
         head += [f"{h} pretrained", f"{h} random", f"{h} gain"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -251,11 +271,13 @@ def pretrain_vs_random_table() -> str:
     for r in rows:
         cells = [r["test"], "config" if r["epochs"] is None else str(r["epochs"]),
                  " ".join(map(str, r["seeds"]))]
+        if mixed:
+            cells.append(" / ".join(" ".join(c) for c in r["commits"]))
         for _, key in PRETRAIN_METRICS:
             m = r[key]
             cells += [f"{m['pretrained']:.3f}", f"{m['random']:.3f}", gain(m)]
         lines.append("| " + " | ".join(cells) + " |")
-    mean = ["**mean over test sets**", "", ""]
+    mean = ["**mean over test sets**", "", ""] + ([""] if mixed else [])
     for _, key in PRETRAIN_METRICS:
         mean += ["", "", f"**{np.mean([r[key]['gain'] for r in rows]):+.3f}**"]
     lines.append("| " + " | ".join(mean) + " |")
@@ -287,6 +309,10 @@ def random_panel_table(files: dict[str, str] | None = None, *,
 #: README tables drawn by their own function (name -> function).
 CUSTOM = {"partial_panel_final/robustness": robustness_table,
           "pretrain_vs_random/grid": pretrain_vs_random_table,
+          "pretrain_vs_random/vocabulary": lambda: pretrain_vs_random_table(VOCAB_PAIRS,
+                                                                           mixed=True),
+          "pretrain_vs_random/vocabulary_panel": lambda: pretrain_vs_random_table(
+              VOCAB_PANEL_PAIRS, mixed=True),
           "pretrain_vs_random/panel": random_panel_table}
 
 
