@@ -259,6 +259,9 @@ def pretrain_vs_random_table(pairs: list[tuple[str, str]] | None = None, *,
     paired difference ± its std), and the mean gain over the test sets. ``mixed``: the arms may
     come from different git commits; a column then names them (pretrained / random)."""
     rows = pretrain_vs_random_rows(pairs, allow_mixed=mixed, skip_missing=pairs is not None)
+    if not rows:
+        files = ", ".join(f"`{pre}`" for pre, _ in pairs or PRETRAIN_PAIRS)
+        return f"(not measured yet: no {files} in benchmarks/results)\n"
     head = ["test set", "epochs", "seeds"] + (["commits"] if mixed else [])
     for h, _ in PRETRAIN_METRICS:
         head += [f"{h} pretrained", f"{h} random", f"{h} gain"]

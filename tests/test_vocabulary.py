@@ -105,13 +105,25 @@ def test_pretraining_over_a_vocabulary_of_two_files(two_files, tmp_path, capsys)
     assert Annotator.from_pretrained(tmp_path / "fine").genes == back.genes
 
 
-def test_checkpoints_without_a_vocabulary_are_unchanged():
-    # the shipped weights: no vocabulary, so their vocabulary is their panel
+def test_the_shipped_weights_carry_a_vocabulary():
+    # retrained with `canal pretrain --vocabulary` (issue #16): every corpus gene has a vector
     model = Annotator.from_pretrained()
+    meta = json.loads((DEFAULT_WEIGHTS / io.CONFIG).read_text())
+    assert model.vocabulary is not None and len(model.vocabulary) > 15_000
+    assert model.net.config.n_vocab == len(model.vocabulary) == meta["model_config"]["n_vocab"]
+    assert set(model.genes) <= set(model.vocabulary)  # its 1,000-gene panel is in it
+    for g in ("INS", "GCG", "CD3E", "MS4A1", "CD8A"):  # CD8A was not in the old panel
+        assert g in model.vocabulary
+
+
+def test_checkpoints_without_a_vocabulary_are_unchanged(tmp_path):
+    # weights written before the vocabulary (or without one): their vocabulary is their panel
+    Annotator.from_genes([f"G{i}" for i in range(TINY.n_genes)], config=TINY).save(tmp_path)
+    model = Annotator.from_pretrained(tmp_path)
     assert model.vocabulary is None and model.net.vocab is None
     genes, emb = model.vocabulary_embedding()
-    assert genes == model.genes and torch.equal(emb, model.net.pos_emb.emb.weight[:1000])
-    meta = json.loads((DEFAULT_WEIGHTS / io.CONFIG).read_text())
+    assert genes == model.genes and torch.equal(emb, model.net.pos_emb.emb.weight[:TINY.n_genes])
+    meta = json.loads((tmp_path / io.CONFIG).read_text())
     assert model.net.config.to_dict() == meta["model_config"]  # no n_vocab key written
     assert "vocab.weight" not in model.net.state_dict()
     # a vocabulary is created after every other module: the rest initialises as before
