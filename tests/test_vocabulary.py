@@ -13,7 +13,7 @@ import torch
 from canal import Annotator, ModelConfig, StageConfig, io
 from canal.cli import main
 from canal.data import CellData, concat
-from canal.model import DEFAULT_WEIGHTS
+from canal.model import VOCABULARY_WEIGHTS
 from canal.nn import CanalNet
 from canal.pretrain import GeneSetSampler, PretrainConfig
 from tests.conftest import TINY
@@ -105,10 +105,10 @@ def test_pretraining_over_a_vocabulary_of_two_files(two_files, tmp_path, capsys)
     assert Annotator.from_pretrained(tmp_path / "fine").genes == back.genes
 
 
-def test_the_shipped_weights_carry_a_vocabulary():
-    # retrained with `canal pretrain --vocabulary` (issue #16): every corpus gene has a vector
-    model = Annotator.from_pretrained()
-    meta = json.loads((DEFAULT_WEIGHTS / io.CONFIG).read_text())
+def test_the_vocabulary_weights_carry_a_vocabulary():
+    # `canal pretrain --vocabulary` on the corpus (issue #16): every corpus gene has a vector
+    model = Annotator.from_pretrained(VOCABULARY_WEIGHTS)
+    meta = json.loads((VOCABULARY_WEIGHTS / io.CONFIG).read_text())
     assert model.vocabulary is not None and len(model.vocabulary) > 15_000
     assert model.net.config.n_vocab == len(model.vocabulary) == meta["model_config"]["n_vocab"]
     assert set(model.genes) <= set(model.vocabulary)  # its 1,000-gene panel is in it

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: Where the shipped pre-trained weights live inside the package.
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default"
+VOCABULARY_WEIGHTS = Path(__file__).parent / "weights" / "vocabulary"
+"""Weights pre-trained over a 20,270-gene vocabulary (``canal pretrain --vocabulary``; its
+MODEL_CARD.md): fine-tuning from them chooses its own panel; not the default, see the README."""
 
 
 class Annotator:
