@@ -220,7 +220,7 @@ def pretrain_vs_random_rows(pairs: list[tuple[str, str]] | None = None, *,
     not there yet."""
     rows = []
     for pre_file, twin_file in PRETRAIN_PAIRS if pairs is None else pairs:
-        if not (RESULTS / pre_file).exists() and pairs is not None and skip_missing:
+        if skip_missing and not (RESULTS / pre_file).exists():
             continue
         pre, twin = (_load(f, allow_mixed=allow_mixed) for f in (pre_file, twin_file))
         commits = {r.get("git_commit") for p in (pre, twin) for r in p["runs"]}

@@ -39,7 +39,7 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -55,7 +55,7 @@ from canal.datasets import (  # noqa: F401  (re-exported: the runner's public na
     load_corpus,
     stratified_part,
 )
-from canal.model import Annotator
+from canal.model import Annotator, PanelChoice
 from canal.nn import ModelConfig
 from canal.train import StageConfig
 
@@ -119,7 +119,7 @@ def _first_panel(cfg: StreamConfig) -> str | list[str] | None:
     panel = cfg.model.get("panel", "auto")
     if isinstance(panel, list) and all(isinstance(g, str) for g in panel):
         return panel
-    if panel not in ("auto", "hvg", "pretrained"):
+    if panel not in get_args(PanelChoice):
         raise ValueError(f"[model] panel must be 'auto', 'hvg', 'pretrained' or a list of gene "
                          f"symbols, got {panel!r}")
     return None if panel == "auto" else panel
