@@ -40,6 +40,9 @@ the machine; per-run canal folders under ``runs/``. The JSON is rewritten after 
 ``--resume`` skips the runs it already holds. Every run records the git commit it was made at;
 ``--resume`` from another commit, and a table whose runs come from several commits, are refused
 unless ``--allow-mixed-commits`` is given (the table then says which commits it mixes).
+``--merge A B ... --out OUT`` runs nothing and joins the runs of several ``--out`` folders into
+one ``OUT/reference.json`` (seeds run side by side, one torch thread each, or over several
+sittings), under the same checks.
 
 How to run
 ----------
@@ -588,6 +591,66 @@ def check_commits(payload: dict[str, Any], *, allow_mixed: bool = False) -> dict
     return commits
 
 
+#: Settings that must agree for runs to share one table (``--resume``, ``--merge``).
+SAME_SETTINGS = ("epochs", "max_cells", "weights", "panel", "celltypist_genes",
+                 "celltypist_max_iter", "p_thres")
+
+
+def merge_results(sources: list[Path], *, allow_mixed: bool = False) -> dict[str, Any]:
+    """One payload from the ``reference.json`` of several ``--out`` folders (or the JSON files
+    themselves): e.g. seeds run side by side in separate processes, or over several sittings.
+
+    Refuses (``ValueError``) sources made with different :data:`SAME_SETTINGS`, the same
+    (experiment, method, seed) in two sources, and, unless ``allow_mixed``, runs of one
+    experiment from different git commits. Failed runs are left out.
+    """
+    if len(sources) < 2:
+        raise ValueError("--merge takes at least two reference.json files or --out folders")
+    payloads = []
+    for src in sources:
+        path = src / "reference.json" if src.is_dir() else src
+        if not path.exists():
+            raise ValueError(f"--merge: {path} not found (give --out folders of reference.py "
+                             "runs or their reference.json files)")
+        payloads.append((path, json.loads(path.read_text())))
+    first_path, first = payloads[0]
+    runs: list[dict[str, Any]] = []
+    where: dict[tuple[str, str, int], Path] = {}
+    for path, payload in payloads:
+        differ = [k for k in SAME_SETTINGS
+                  if payload["settings"].get(k) != first["settings"].get(k)]
+        if differ:
+            raise ValueError(f"--merge: {path} and {first_path} were made with different "
+                             f"settings ({', '.join(differ)}); their runs do not share a table")
+        for r in payload["runs"]:
+            if "error" in r:
+                continue
+            key = (r["experiment"], r["method"], r["seed"])
+            if key in where:
+                raise ValueError(f"--merge: {key[0]} {key[1]} seed {key[2]} is in both "
+                                 f"{where[key]} and {path}; keep one of them")
+            where[key] = path
+            runs.append(r | {"git_commit": run_commit(r, payload)})
+
+    def union(key: str) -> list:
+        seen: list = []
+        for _, payload in payloads:
+            seen += [v for v in payload["settings"].get(key) or [] if v not in seen]
+        return seen
+
+    settings = dict(first["settings"]) | {k: union(k) for k in
+                                          ("experiments", "strategies", "seeds")}
+    settings["allow_mixed_commits"] = allow_mixed
+    merged = {"command": "python benchmarks/reference.py --merge "
+                         + " ".join(str(s) for s in sources),
+              "sources": [p["command"] for _, p in payloads],
+              "started": min(p["started"] for _, p in payloads),
+              "finished": max(p["finished"] or p["started"] for _, p in payloads),
+              "machine": first["machine"], "settings": settings, "runs": runs}
+    check_commits(merged, allow_mixed=allow_mixed)
+    return merged
+
+
 def write_report(out: Path, payload: dict[str, Any], *, allow_mixed: bool = False) -> str:
     """Write ``reference.json`` and ``reference.md``; return the Markdown.
 
@@ -712,6 +775,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-mixed-commits", action="store_true",
                    help="with --resume: keep runs made at another git commit in the same "
                         "tables (refused by default: a table compares one code version)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="SOURCE",
+                   help="run nothing: merge the reference.json of these --out folders (e.g. "
+                        "seeds run in parallel) into OUT/reference.json and reference.md; "
+                        "refused when their settings differ, a run is in two of them, or "
+                        "(without --allow-mixed-commits) their commits differ")
     p.add_argument("--verbose", action="store_true", help="canal's and CellTypist's info logs")
     args = p.parse_args(argv)
     if sum((args.quick, args.hour, args.full)) > 1:
@@ -736,6 +804,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 0 when every run succeeded, 1 otherwise."""
     args = parse_args(argv)
+    if args.merge is not None:
+        try:
+            payload = merge_results(args.merge, allow_mixed=args.allow_mixed_commits)
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_report(args.out, payload, allow_mixed=args.allow_mixed_commits)
+        print(f"merged {len(payload['runs'])} runs into {args.out / 'reference.json'} and "
+              f"{args.out / 'reference.md'}")
+        return 0
     # Configure logging before celltypist is imported: it calls logging.basicConfig(INFO).
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
@@ -780,11 +859,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if args.resume and (out / "reference.json").exists():
         old = json.loads((out / "reference.json").read_text())
-        same = ("epochs", "max_cells", "weights", "panel", "celltypist_genes",
-                "celltypist_max_iter", "p_thres")
-        if any(old["settings"].get(k) != settings[k] for k in same):
+        if any(old["settings"].get(k) != settings[k] for k in SAME_SETTINGS):
             print(f"--resume: {out}/reference.json was made with other settings "
-                  f"({', '.join(same)}); pass another --out", file=sys.stderr)
+                  f"({', '.join(SAME_SETTINGS)}); pass another --out", file=sys.stderr)
             return 2
         # runs written before commits were recorded per run: the commit that wrote the file
         runs = [r | {"git_commit": run_commit(r, old)} for r in old["runs"] if "error" not in r]

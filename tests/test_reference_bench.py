@@ -178,3 +178,39 @@ def test_resume_refuses_runs_of_another_commit(reference, tmp_path, capsys, rest
     err = capsys.readouterr().err
     assert "runs made at git commit(s) 0000000000" in err and "--allow-mixed-commits" in err
     assert json.loads((tmp_path / "reference.json").read_text()) == payload  # untouched
+
+
+def test_merge_joins_seeds_run_apart_and_refuses_what_does_not_share_a_table(
+        reference, tmp_path, capsys):
+    """Seeds of the full-data grid run in separate processes merge back into the table that
+    one process would have written (real results: benchmarks/results/reference_full.json)."""
+    whole = json.loads((Path(reference.__file__).parent / "results"
+                        / "reference_full.json").read_text())
+    dirs = []
+    for seed in whole["settings"]["seeds"]:
+        part = whole | {"runs": [r for r in whole["runs"] if r["seed"] == seed],
+                        "settings": whole["settings"] | {"seeds": [seed]}}
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "reference.json").write_text(json.dumps(part))
+        dirs.append(str(tmp_path / f"s{seed}"))
+    assert reference.main(["--merge", *dirs, "--out", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "reference.json").read_text())
+    assert merged["settings"]["seeds"] == whole["settings"]["seeds"]
+    assert len(merged["sources"]) == 3 and len(merged["runs"]) == len(whole["runs"])
+    assert merged["summary"] == json.loads(json.dumps(reference.summarize_runs(whole["runs"])))
+    assert (tmp_path / "all" / "reference.md").read_text() == reference.render_markdown(merged)
+    # the same run twice, other settings, other commits: refused, nothing written
+    assert reference.main(["--merge", dirs[0], dirs[0], "--out", str(tmp_path / "x")]) == 2
+    assert "cross_species canal seed 0 is in both" in capsys.readouterr().err
+    other = json.loads((tmp_path / "s1" / "reference.json").read_text())
+    other["settings"]["epochs"] = 3
+    (tmp_path / "s1" / "reference.json").write_text(json.dumps(other))
+    assert reference.main(["--merge", dirs[0], dirs[1], "--out", str(tmp_path / "x")]) == 2
+    assert "different settings (epochs)" in capsys.readouterr().err
+    for r in other["runs"]:
+        r["git_commit"] = "b" * 40
+    other["settings"]["epochs"] = whole["settings"]["epochs"]
+    (tmp_path / "s1" / "reference.json").write_text(json.dumps(other))
+    assert reference.main(["--merge", dirs[0], dirs[1], "--out", str(tmp_path / "x")]) == 2
+    assert "--allow-mixed-commits" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
