@@ -70,13 +70,14 @@ pancreas table), ``novel_pancreas``, ``immune`` and ``novel_immune``, seeds 0 1 
 stage, every data file cut to at most 800 random cells (seed 0; the same cells for every method
 and seed). It is a reduced version of the experiments, not the experiments themselves.
 
-Cost on a 2-core CPU (the shipped CPU model trains about 100 cells/s and annotates about 140
-cells/s): a ``canal`` run on the full pancreas stream takes about 3 min at 6 epochs per stage;
-the immune stream is about five times larger, so the full default (5 experiments x 5
-strategies x 3 seeds at the configs' 20 epochs) takes the better part of a day there. Use
-``--device cuda`` on a GPU machine, or fewer experiments, seeds and ``--epochs`` (``--resume``
-continues an interrupted run). CellTypist takes about 10 s (immune, 1,287 genes) to 1.5 min
-(pancreas, 20,125 genes) per seed.
+Cost on a 2-core CPU, measured with two runs side by side at one torch thread each
+(``--threads 1``; benchmarks/results/reference_full*.json): a full-data ``canal`` run of
+``cross_species`` or ``novel_pancreas`` takes 8-19 minutes, of ``immune`` at 3 epochs per stage
+9-32 minutes; CellTypist takes 20-35 s (pancreas, 20,125
+genes) and about 5 s (immune, 1,287 genes) per seed. The full default (5 experiments x 5
+strategies x 3 seeds at the configs' recipe) is therefore more than a day of this CPU: run it
+over several sittings with ``--resume``, or split it into ``--out`` folders by seed or method
+and join them with ``--merge``; on a GPU machine use ``--device cuda``.
 """
 
 from __future__ import annotations

@@ -121,6 +121,29 @@ TABLES |= {
         *_FULL_STREAM_COLS]),
 }
 
+#: The full-data grid's strategy comparison and the remaining experiments (issue #20).
+TABLES |= {
+    "reference_full_strategies/cross_species": (
+        "reference_full_strategies.json", "cross_species", [
+            *_test_cols("baron human4", "human4", [("acc", "accuracy"),
+                                                   ("closed", "closed_accuracy")]),
+            *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [("acc", "accuracy"),
+                                                              ("closed", "closed_accuracy")]),
+            *_test_cols("baron mouse", "mouse", [("acc", "accuracy"),
+                                                 ("closed", "closed_accuracy")]),
+            ("forgetting", "forgetting", False, 3, True), *_FULL_STREAM_COLS]),
+    "reference_full_novel_immune3/novel_immune": (
+        "reference_full_novel_immune3.json", "novel_immune", [
+            *_test_cols("kang unseen donors", "Kang unseen donors",
+                        [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                         ("known→Unassigned", "unassigned_known"), ("H", "h_score"),
+                         ("mixup H", "mixup_h_score")]),
+            *_test_cols("pbmc3k 20%", "pbmc3k 20%",
+                        [("acc", "accuracy"), ("closed", "closed_accuracy"), ("H", "h_score"),
+                         ("mixup H", "mixup_h_score")]),
+            *_FULL_STREAM_COLS]),
+}
+
 
 def reference_module():
     """``benchmarks/reference.py`` as a module (its summary and Markdown renderer)."""
