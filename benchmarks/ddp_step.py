@@ -13,7 +13,9 @@ its overhead is (gradient all-reduce, per-epoch metric exchange, final gathering
 Run: ``python benchmarks/ddp_step.py [--cells 600] [--epochs 2] [--procs 1 2] [--threads 1]
 [--device cpu] [--out ddp_step.json]``. The script launches ``torchrun --standalone`` itself.
 
-Measured on the shared 2-core CPU (load average 6-8 from other jobs; defaults, threads 1 and 2):
+Measured on the shared 2-core CPU (load average 6-8 from other jobs; defaults, threads 1 and 2),
+before issue #17, with libtcmalloc preloaded into every process (the script no longer preloads
+anything: it runs as a fresh install does, with ``canal.runtime.keep_heap``):
 
     600 Baron human cells, CPU default model, 2 epochs, 32 cells per step per process, device cpu
     trainable procs threads steps   s/step  cells/s  cache s  stage s val acc
@@ -43,7 +45,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-_TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -98,8 +99,6 @@ def launch(procs: int, threads: int, trainable: str, data: Path, ckpt: Path, arg
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "src"),
                                            os.environ.get("PYTHONPATH", "")]))
-    if os.path.exists(_TCMALLOC) and "tcmalloc" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = _TCMALLOC  # as the canal command does, for every configuration
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={procs}", str(HERE), "--worker", "--data", str(data),
            "--checkpoint", str(ckpt), "--result", str(result), "--threads", str(threads),
