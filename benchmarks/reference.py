@@ -73,8 +73,8 @@ and seed). It is a reduced version of the experiments, not the experiments thems
 Cost on a 2-core CPU, measured with two runs side by side at one torch thread each
 (``--threads 1``; benchmarks/results/reference_full*.json): a full-data ``canal`` run of
 ``cross_species`` or ``novel_pancreas`` takes 8-19 minutes, of ``immune`` at 3 epochs per stage
-9-32 minutes; CellTypist takes 20-35 s (pancreas, 20,125
-genes) and about 5 s (immune, 1,287 genes) per seed. The full default (5 experiments x 5
+9-32 minutes (``naive`` 7-8, ``joint`` 11-19 on either); CellTypist takes 20-35 s (pancreas,
+20,125 genes) and about 5 s (immune, 1,287 genes) per seed. The full default (5 experiments x 5
 strategies x 3 seeds at the configs' recipe) is therefore more than a day of this CPU: run it
 over several sittings with ``--resume``, or split it into ``--out`` folders by seed or method
 and join them with ``--merge``; on a GPU machine use ``--device cuda``.
@@ -774,8 +774,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in OUT/reference.json and skip them")
     p.add_argument("--allow-mixed-commits", action="store_true",
-                   help="with --resume: keep runs made at another git commit in the same "
-                        "tables (refused by default: a table compares one code version)")
+                   help="with --resume or --merge: keep runs made at another git commit in the "
+                        "same tables (refused by default: a table compares one code version)")
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="SOURCE",
                    help="run nothing: merge the reference.json of these --out folders (e.g. "
                         "seeds run in parallel) into OUT/reference.json and reference.md; "

@@ -93,6 +93,7 @@ _FULL_STREAM_COLS: list[Column] = [("held-out", "average_accuracy", False, 3, Tr
                                    ("BWT", "backward_transfer", True, 3, True),
                                    ("min/run", "minutes", False, 1, False)]
 
+#: The full-data grid (issue #20): every experiment, canal next to the other strategies where run.
 TABLES |= {
     "reference_full/novel_pancreas": ("reference_full_novel_pancreas.json", "novel_pancreas", [
         *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
@@ -102,10 +103,6 @@ TABLES |= {
                                                           ("H", "h_score"),
                                                           ("mixup H", "mixup_h_score")]),
         *_FULL_STREAM_COLS]),
-}
-
-#: The full-data grid's strategy comparison and the remaining experiments (issue #20).
-TABLES |= {
     "reference_full_strategies/cross_species": (
         "reference_full_strategies.json", "cross_species", [
             *_test_cols("baron human4", "human4", [("acc", "accuracy"),
