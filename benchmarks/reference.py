@@ -531,8 +531,26 @@ def machine_info() -> dict[str, Any]:
         info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo,
                                                 capture_output=True, text=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = None
+        # a copy of the tree without .git (e.g. sent to a GPU machine): the commit it was
+        # copied from, when the sender says so
+        info["git_commit"] = os.environ.get("CANAL_GIT_COMMIT") or None
+        info["git_dirty"] = None if info["git_commit"] is None else False
+    info["device"] = device_name(torch)
     return info
+
+
+def device_name(torch) -> str:
+    """What canal's runs compute on: the GPU's name under CUDA, else the CPU."""
+    import canal
+
+    dev = canal.settings.torch_device()
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    return _cpu_name()
+
+
+def _cpu_name() -> str:
+    return f"cpu: {platform.processor() or platform.machine()}"
 
 
 def weights_info(init: str | None) -> dict[str, Any]:
@@ -597,6 +615,20 @@ SAME_SETTINGS = ("epochs", "max_cells", "weights", "panel", "celltypist_genes",
                  "celltypist_max_iter", "p_thres")
 
 
+def _setting(settings: dict[str, Any], key: str) -> Any:
+    """A setting as compared across files: the weights by what they are (hash and model
+    config), not by where the checkout lay or when its files were written."""
+    value = settings.get(key)
+    if key == "weights" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in ("path", "model_pt_mtime")}
+    return value
+
+
+def same_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The :data:`SAME_SETTINGS` in which two ``settings`` records differ."""
+    return [k for k in SAME_SETTINGS if _setting(a, k) != _setting(b, k)]
+
+
 def merge_results(sources: list[Path], *, allow_mixed: bool = False) -> dict[str, Any]:
     """One payload from the ``reference.json`` of several ``--out`` folders (or the JSON files
     themselves): e.g. seeds run side by side in separate processes, or over several sittings.
@@ -618,8 +650,7 @@ def merge_results(sources: list[Path], *, allow_mixed: bool = False) -> dict[str
     runs: list[dict[str, Any]] = []
     where: dict[tuple[str, str, int], Path] = {}
     for path, payload in payloads:
-        differ = [k for k in SAME_SETTINGS
-                  if payload["settings"].get(k) != first["settings"].get(k)]
+        differ = same_settings(payload["settings"], first["settings"])
         if differ:
             raise ValueError(f"--merge: {path} and {first_path} were made with different "
                              f"settings ({', '.join(differ)}); their runs do not share a table")
@@ -709,6 +740,13 @@ def render_markdown(payload: dict[str, Any], *, allow_mixed: bool = False) -> st
         if len(commits.get(exp, [])) > 1:
             parts += ["", "**Mixed commits** (--allow-mixed-commits): "
                       + ", ".join(c[:10] for c in commits[exp]) + "."]
+        devices = {}
+        for r in runs:
+            if r["experiment"] == exp and "error" not in r and r.get("device"):
+                devices.setdefault(r["device"], set()).add(r["method"])
+        if devices:
+            parts += ["", "Computed on: " + "; ".join(
+                f"{', '.join(sorted(ms))} on {d}" for d, ms in devices.items()) + "."]
     total = sum(r.get("seconds") or 0 for r in runs if r["method"] != CT_PROB)
     parts += ["", f"Total wall time of the runs: {total / 60:.1f} min.", ""]
     return "\n".join(parts)
@@ -860,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if args.resume and (out / "reference.json").exists():
         old = json.loads((out / "reference.json").read_text())
-        if any(old["settings"].get(k) != settings[k] for k in SAME_SETTINGS):
+        if same_settings(old["settings"], settings):
             print(f"--resume: {out}/reference.json was made with other settings "
                   f"({', '.join(SAME_SETTINGS)}); pass another --out", file=sys.stderr)
             return 2
@@ -918,7 +956,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(err, file=sys.stderr)
                     new = [{"experiment": cfg.name, "method": method, "seed": seed,
                             "error": err, "seconds": time.perf_counter() - ts}]
-                runs += [r | stamp for r in new]
+                # CellTypist runs on the CPU whatever canal's device
+                where = machine["device"] if method != "celltypist" else _cpu_name()
+                runs += [r | stamp | {"device": where} for r in new]
                 _check_splits(runs, cfg.name, seed)
                 write_report(out, payload, allow_mixed=args.allow_mixed_commits)
                 for r in new:

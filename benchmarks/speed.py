@@ -28,8 +28,10 @@ depth 6, 10 heads, 1,000 genes + 1 token) it measures, on real Baron pancreas ce
   fresh process (``CANAL_KEEP_HEAP=0`` vs default) on Baron tiled to 2,142 and 10,710 cells,
   cells/s from the slope (start-up excluded).
 
-Run: ``python benchmarks/speed.py [--quick] [--device cuda] [--only heap] [--out speed.json]``. On a GPU
-machine pass ``--device cuda``. For the allocator effect, run it once with and once without
+Run: ``python benchmarks/speed.py [--quick] [--device cuda] [--only heap|throughput] [--out
+speed.json]``. On a GPU machine pass ``--device cuda``; ``--only throughput`` measures only
+inference at large batches (up to 4,096 cells) and ``predict`` end to end (issue #17's GPU
+goal). For the allocator effect, run it once with and once without
 ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`` (the ``canal`` command
 preloads it by itself when installed).
 """
@@ -205,6 +207,86 @@ def end_to_end(data_root: Path, *, quick: bool) -> dict:
     return out
 
 
+def _rate(net, tokens, *, bf16: bool, device: torch.device, min_seconds: float) -> float:
+    """Forward passes per second of ``net`` on ``tokens()`` (called inside the timing)."""
+
+    def once():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            net(tokens())
+
+    sec, _ = timed(once, device=device, min_seconds=min_seconds)
+    return 1.0 / sec
+
+
+def throughput(data_root: Path, *, device: torch.device, quick: bool) -> dict:
+    """Inference cells/s at large batches, the read-out of issue #17 for a GPU.
+
+    For the default (shipped) and the paper-size model, fp32 and bf16, on Baron cells (tiled):
+    ``model`` times the network alone on tokens already on the device; ``tokens + model`` adds
+    binning the cells' sparse rows on the CPU and the copy to the device, as ``predict`` does
+    per batch. Then ``Annotator.predict`` end to end in this process (``novelty="none"``, so
+    it is the forward pass, the data path and the output) on Baron tiled to ``n_predict``
+    cells, at the best batch of the default model, after a warm-up call on 2,142 cells.
+    """
+    baron = ad.read_h5ad(data_root / "pancreas" / "baron_human.h5ad")
+    labels = baron.obs["cell_type"].astype(str).to_numpy()
+    classes = sorted(set(labels))
+    out: dict = {"device": str(device), "name": torch.cuda.get_device_name(device)
+                 if device.type == "cuda" else "cpu", "models": {}}
+    sizes = {"default": [256, 1024, 4096], "paper": [256, 1024]}
+    min_s = 1.0 if quick else 2.0
+    for size, batches in sizes.items():
+        if size == "default":
+            model = Annotator.from_pretrained()
+        else:
+            model = Annotator.create(baron, n_genes=1000, config=ModelConfig.paper())
+        model.net.head.grow(len(classes))
+        model.cell_types = classes
+        data = model.prepare(baron)
+        net = model.net.to(device).eval()
+        r: dict = {"gflop_per_cell_forward": forward_gflop(model.net.config)}
+        for batch in batches:
+            if device.type == "cpu":
+                batch = min(batch, 256)
+            rows = np.arange(batch) % data.n_cells
+            tokens = data.tokens(rows).to(device)
+            for bf16 in (False, True):
+                key = f"b{batch}_{'bf16' if bf16 else 'fp32'}"
+                r[f"model_{key}"] = _rate(net, lambda t=tokens: t, bf16=bf16, device=device,
+                                          min_seconds=min_s) * batch
+                r[f"tokens_model_{key}"] = _rate(
+                    net, lambda d=data, x=rows: d.tokens(x).to(device), bf16=bf16,
+                    device=device, min_seconds=min_s) * batch
+                print(f"  throughput {size} batch {batch} {key.split('_')[1]}: model "
+                      f"{r[f'model_{key}']:.0f} cells/s, tokens + model "
+                      f"{r[f'tokens_model_{key}']:.0f} cells/s", flush=True)
+            if device.type == "cpu":
+                break
+        out["models"][size] = r
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # end to end: the shipped model as a user calls it
+    model = Annotator.from_pretrained()
+    model.net.head.grow(len(classes))
+    model.cell_types = classes
+    best = max((k for k in out["models"]["default"] if k.startswith("tokens_model_")),
+               key=out["models"]["default"].get)
+    batch, precision = int(best.split("_b")[1].split("_")[0]), best.rsplit("_", 1)[1]
+    n_predict = len(baron) * (5 if quick else 25)
+    tiled = ad.concat([baron] * (n_predict // len(baron)), index_unique="-")
+    model.predict(baron, novelty="none", batch_size=batch, precision=precision, inplace=False,
+                  device=device)
+    t = time.perf_counter()
+    model.predict(tiled, novelty="none", batch_size=batch, precision=precision, inplace=False,
+                  device=device)
+    sec = time.perf_counter() - t
+    out["predict"] = {"cells": tiled.n_obs, "batch_size": batch, "precision": precision,
+                      "seconds": sec, "cells_per_s": tiled.n_obs / sec}
+    print(f"  predict end to end: {tiled.n_obs} cells in {sec:.1f} s = "
+          f"{tiled.n_obs / sec:.0f} cells/s (batch {batch}, {precision})", flush=True)
+    return out
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -367,8 +449,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer cells, shorter timings")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="default,paper")
-    ap.add_argument("--only", choices=["heap"], default=None,
-                    help="heap: only issue #17's allocator/compaction before/after")
+    ap.add_argument("--only", choices=["heap", "throughput"], default=None,
+                    help="heap: only issue #17's allocator/compaction before/after; "
+                    "throughput: only large-batch inference and predict (a GPU's read-out)")
     ap.add_argument("--out", default="benchmarks/results/speed.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -376,6 +459,14 @@ def main(argv=None) -> int:
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         print("note: tcmalloc is preloaded; users get glibc's malloc (unset LD_PRELOAD)")
     print(f"threads {torch.get_num_threads()}", flush=True)
+    if args.only == "throughput":
+        res = {"threads": torch.get_num_threads(),
+               "throughput": throughput(data_root, device=device, quick=args.quick)}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        print(f"written {out}")
+        return 0
     heap = heap_and_compaction(data_root, device=device, quick=args.quick)
     if args.only == "heap":
         out = Path(args.out)
