@@ -523,18 +523,22 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "versions": versions,
     }
-    try:
-        repo = Path(__file__).resolve().parent.parent
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo,
-                                            capture_output=True, text=True,
-                                            check=True).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo,
-                                                capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without .git (e.g. sent to a GPU machine): the commit it was
-        # copied from, when the sender says so
-        info["git_commit"] = os.environ.get("CANAL_GIT_COMMIT") or None
-        info["git_dirty"] = None if info["git_commit"] is None else False
+    sent = os.environ.get("CANAL_GIT_COMMIT")
+    if sent:
+        # a copy of a clean checkout sent to another machine (a GPU's): the copy may carry no
+        # .git, or a stale one, so the sender names the commit it copied
+        info["git_commit"], info["git_dirty"] = sent, False
+    else:
+        try:
+            repo = Path(__file__).resolve().parent.parent
+            info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo,
+                                                capture_output=True, text=True,
+                                                check=True).stdout.strip()
+            info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"],
+                                                    cwd=repo, capture_output=True,
+                                                    text=True).stdout.strip())
+        except (OSError, subprocess.CalledProcessError):
+            info["git_commit"] = None
     info["device"] = device_name(torch)
     return info
 
@@ -679,6 +683,10 @@ def merge_results(sources: list[Path], *, allow_mixed: bool = False) -> dict[str
               "started": min(p["started"] for _, p in payloads),
               "finished": max(p["finished"] or p["started"] for _, p in payloads),
               "machine": first["machine"], "settings": settings, "runs": runs}
+    machines = [p["machine"] for _, p in payloads]
+    distinct = [m for i, m in enumerate(machines) if m not in machines[:i]]
+    if len(distinct) > 1:
+        merged["machines"] = distinct
     check_commits(merged, allow_mixed=allow_mixed)
     return merged
 
@@ -702,16 +710,20 @@ def render_markdown(payload: dict[str, Any], *, allow_mixed: bool = False) -> st
     commits = check_commits(payload, allow_mixed=allow_mixed)
     runs = payload["runs"]
     payload["summary"] = summarize_runs(runs)
-    m = payload["machine"]
     a = payload["settings"]
     parts = [
         "# canal reference experiments: continual strategies vs CellTypist", "",
         f"Generated {payload['finished'] or payload['started']} by "
         f"`{payload['command']}`.", "",
-        f"Machine: {m['platform']}, {m['cpus_available']} of {m['cpu_count']} CPUs, torch "
-        f"{m['torch']} ({m['torch_threads']} threads), CUDA {m['cuda']}, celltypist "
-        f"{m['versions']['celltypist']}, scikit-learn {m['versions']['scikit-learn']}; git "
-        f"{(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}.", "",
+    ]
+    for m in payload.get("machines") or [payload["machine"]]:
+        parts += [
+            f"Machine: {m['platform']}, {m['cpus_available']} of {m['cpu_count']} CPUs, torch "
+            f"{m['torch']} ({m['torch_threads']} threads), CUDA {m['cuda']}, celltypist "
+            f"{m['versions']['celltypist']}, scikit-learn {m['versions']['scikit-learn']}; git "
+            f"{(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}.",
+            ""]
+    parts += [
         f"Start: {a['weights'].get('init')} "
         f"{a['weights'].get('path', '')} {a['weights'].get('model_pt_sha256', '')}; epochs: "
         f"{a['epochs'] or 'config default'}; seeds: {a['seeds']}; cells per data file: "

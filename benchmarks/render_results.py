@@ -137,6 +137,47 @@ TABLES |= {
 }
 
 
+#: The full grid at the configs' recipe, every experiment, at one commit (issue #20):
+#: ``benchmarks/parallel_grid.py``, canal's strategies on a GPU, CellTypist on this CPU.
+GRID_FILE = "reference_grid.json"
+TABLES |= {
+    "reference_grid/cross_species": (GRID_FILE, "cross_species", [
+        *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                               ("F1", "macro_f1")]),
+        *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [
+            ("acc", "accuracy"), ("closed", "closed_accuracy"),
+            ("known→Unassigned", "unassigned_known")]),
+        *_test_cols("baron mouse", "mouse", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                             ("H", "h_score")]),
+        *_FULL_STREAM_COLS]),
+    "reference_grid/novel_pancreas": (GRID_FILE, "novel_pancreas", [
+        *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                               ("known→Unassigned", "unassigned_known"),
+                                               ("H", "h_score"), ("mixup H", "mixup_h_score")]),
+        *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [("closed", "closed_accuracy"),
+                                                          ("H", "h_score"),
+                                                          ("mixup H", "mixup_h_score")]),
+        *_FULL_STREAM_COLS]),
+    "reference_grid/immune": (GRID_FILE, "immune", [
+        *_test_cols("kang unseen donors", "Kang unseen donors",
+                    [("acc", "accuracy"), ("closed", "closed_accuracy")]),
+        *_test_cols("pbmc3k 20%", "pbmc3k 20%", [("acc", "accuracy"),
+                                                 ("closed", "closed_accuracy")]),
+        *_test_cols("kang_stim", "kang_stim", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                               ("H", "h_score"), ("mixup H", "mixup_h_score")]),
+        *_FULL_STREAM_COLS]),
+    "reference_grid/novel_immune": (GRID_FILE, "novel_immune", [
+        *_test_cols("kang unseen donors", "Kang unseen donors",
+                    [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                     ("known→Unassigned", "unassigned_known"), ("H", "h_score"),
+                     ("mixup H", "mixup_h_score")]),
+        *_test_cols("pbmc3k 20%", "pbmc3k 20%",
+                    [("acc", "accuracy"), ("closed", "closed_accuracy"), ("H", "h_score"),
+                     ("mixup H", "mixup_h_score")]),
+        *_FULL_STREAM_COLS]),
+}
+
+
 def reference_module():
     """``benchmarks/reference.py`` as a module (its summary and Markdown renderer)."""
     name = "reference_bench"

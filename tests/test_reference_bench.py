@@ -214,3 +214,37 @@ def test_merge_joins_seeds_run_apart_and_refuses_what_does_not_share_a_table(
     assert reference.main(["--merge", dirs[0], dirs[1], "--out", str(tmp_path / "x")]) == 2
     assert "--allow-mixed-commits" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_compares_weights_by_hash_not_by_checkout(reference, tmp_path, capsys):
+    """Parts run from another checkout (a worktree, a GPU machine's copy) hold the same
+    weights at another path and file time: they share a table; other weights do not."""
+    whole = json.loads((Path(reference.__file__).parent / "results"
+                        / "reference_full.json").read_text())
+    dirs = []
+    for seed in (0, 1):
+        part = whole | {"runs": [r for r in whole["runs"] if r["seed"] == seed],
+                        "settings": json.loads(json.dumps(whole["settings"]))}
+        if seed == 1:
+            part["settings"]["weights"] |= {"path": "/elsewhere/weights/default",
+                                            "model_pt_mtime": "2030-01-01T00:00:00+00:00"}
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "reference.json").write_text(json.dumps(part))
+        dirs.append(str(tmp_path / f"s{seed}"))
+    assert reference.main(["--merge", *dirs, "--out", str(tmp_path / "ok")]) == 0
+    other = json.loads((tmp_path / "s1" / "reference.json").read_text())
+    other["settings"]["weights"]["model_pt_sha256"] = "0" * 16
+    (tmp_path / "s1" / "reference.json").write_text(json.dumps(other))
+    assert reference.main(["--merge", *dirs, "--out", str(tmp_path / "x")]) == 2
+    assert "different settings (weights)" in capsys.readouterr().err
+
+
+def test_machine_info_takes_the_sent_commit(reference, monkeypatch):
+    """A tree copied to another machine may carry no .git or a stale one: the commit the
+    sender names wins, and such a copy is clean by construction."""
+    monkeypatch.setenv("CANAL_GIT_COMMIT", "c" * 40)
+    info = reference.machine_info()
+    assert info["git_commit"] == "c" * 40 and info["git_dirty"] is False
+    assert info["device"].startswith("cpu")
+    monkeypatch.delenv("CANAL_GIT_COMMIT")
+    assert len(reference.machine_info()["git_commit"]) == 40
