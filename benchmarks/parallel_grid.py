@@ -4,13 +4,15 @@
 with many cores, or a GPU that one small model leaves mostly idle, the runs can go side by
 side: this script starts ``--jobs`` processes at a time, each one ``reference.py`` call for one
 experiment, method and seed with its own ``--out`` folder (``OUT/parts/EXP__METHOD__seedS``,
-log beside it), and when they are done joins each experiment's parts with
-``reference.py --merge`` into ``OUT/EXP/reference.json`` and ``.md`` (the merge refuses parts
-made at different commits or with different settings). Runs already in a part are skipped
-(``--resume``), so a grid cut short is completed by running the same command again.
+log beside it), and when they are done joins every part under ``OUT/parts`` with
+``reference.py --merge`` into ``OUT/reference.json`` and ``.md``, the files one ``reference.py``
+process would have written (the merge refuses parts made at different commits or with
+different settings, and says why). Runs already in a part are skipped (``--resume``), so a grid
+cut short is completed by running the same command again, and a later call with other methods
+or experiments into the same ``OUT`` adds to its tables.
 
 ``--stop-after S`` starts no new job once S seconds have passed and ``--kill-after K`` ends the
-jobs still running at K seconds, so that a grid fits a time slot; the experiments then hold the
+jobs still running at K seconds, so that a grid fits a time slot; the tables then hold the
 runs that finished. Every process gets ``--threads`` torch threads: on the 2-core CPU of this
 project keep ``--jobs`` x ``--threads`` <= 2 (two 2-thread torch processes on 2 cores thrash).
 
@@ -104,25 +106,22 @@ def run(todo: list[tuple[str, str, int]], *, out: Path, n_jobs: int, threads: in
     return codes
 
 
-def merge(out: Path, experiments: list[str]) -> list[Path]:
-    """Join each experiment's finished parts into ``OUT/EXP``; return the folders written."""
-    written = []
-    for exp in experiments:
-        parts = sorted(p for p in (out / "parts").glob(f"{exp}__*")
-                       if (p / "reference.json").exists())
-        if not parts:
-            print(f"{exp}: no finished part to merge", flush=True)
-            continue
-        if len(parts) == 1:  # --merge takes two or more: copy the one part
-            dest = out / exp
-            dest.mkdir(parents=True, exist_ok=True)
-            for name in ("reference.json", "reference.md"):
-                (dest / name).write_bytes((parts[0] / name).read_bytes())
-        else:
-            subprocess.run([sys.executable, str(REFERENCE), "--merge", *map(str, parts),
-                            "--out", str(out / exp)], check=True, cwd=HERE.parent)
-        written.append(out / exp)
-    return written
+def merge(out: Path) -> bool:
+    """Join every finished part under ``OUT/parts`` (also those of earlier calls into the same
+    ``OUT``) into ``OUT/reference.json`` and ``.md``, one section per experiment, as one
+    ``reference.py`` process would write them. False when there is none or the merge refuses."""
+    parts = sorted(p for p in (out / "parts").glob("*__*__seed*")
+                   if (p / "reference.json").exists())
+    if not parts:
+        print("no finished part to merge", flush=True)
+        return False
+    if len(parts) == 1:  # --merge takes two or more: the one part is the table
+        for name in ("reference.json", "reference.md"):
+            (out / name).write_bytes((parts[0] / name).read_bytes())
+        return True
+    done = subprocess.run([sys.executable, str(REFERENCE), "--merge", *map(str, parts),
+                           "--out", str(out)], cwd=HERE.parent)
+    return done.returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,15 +150,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.device}", flush=True)
     codes = run(todo, out=args.out, n_jobs=args.jobs, threads=args.threads, device=args.device,
                 extra=extra, stop_after=args.stop_after, kill_after=args.kill_after)
-    written = merge(args.out, args.experiments)
+    merged = merge(args.out)
     failed = [j for j, c in codes.items() if c not in (0, None)]
     missing = [j for j, c in codes.items() if c is None]
     for label, group in (("failed", failed), ("not run or killed", missing)):
         if group:
             print(f"{label}: " + "; ".join(" ".join(map(str, j)) for j in group)
                   + f" (logs under {args.out / 'parts'})", flush=True)
-    print("merged: " + ", ".join(str(w) for w in written), flush=True)
-    return 1 if failed or missing else 0
+    if merged:
+        print(f"merged: {args.out / 'reference.json'}, {args.out / 'reference.md'}", flush=True)
+    return 1 if failed or missing or not merged else 0
 
 
 if __name__ == "__main__":

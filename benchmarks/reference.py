@@ -77,7 +77,10 @@ Cost on a 2-core CPU, measured with two runs side by side at one torch thread ea
 20,125 genes) and about 5 s (immune, 1,287 genes) per seed. The full default (5 experiments x 5
 strategies x 3 seeds at the configs' recipe) is therefore more than a day of this CPU: run it
 over several sittings with ``--resume``, or split it into ``--out`` folders by seed or method
-and join them with ``--merge``; on a GPU machine use ``--device cuda``.
+and join them with ``--merge`` (``benchmarks/parallel_grid.py`` does both: one process per run);
+on a GPU machine use ``--device cuda``: there the whole grid takes minutes. A copy of the tree
+sent to another machine records the commit named by ``CANAL_GIT_COMMIT`` (the copy may carry no
+``.git``, or a stale one); each run records the device it computed on.
 """
 
 from __future__ import annotations
