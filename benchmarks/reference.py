@@ -913,9 +913,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     if args.resume and (out / "reference.json").exists():
         old = json.loads((out / "reference.json").read_text())
-        if same_settings(old["settings"], settings):
+        differ = same_settings(old["settings"], settings)
+        if differ:
             print(f"--resume: {out}/reference.json was made with other settings "
-                  f"({', '.join(SAME_SETTINGS)}); pass another --out", file=sys.stderr)
+                  f"({', '.join(differ)}); pass another --out", file=sys.stderr)
             return 2
         # runs written before commits were recorded per run: the commit that wrote the file
         runs = [r | {"git_commit": run_commit(r, old)} for r in old["runs"] if "error" not in r]
