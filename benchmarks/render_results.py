@@ -367,6 +367,8 @@ def random_panel_table(files: dict[str, str] | None = None, *,
 
 #: README tables drawn by their own function (name -> function).
 CUSTOM = {"partial_panel_final/robustness": robustness_table,
+          "partial_panel_immune/robustness": lambda: robustness_table(
+              "partial_panel_immune/partial_panel_immune.json", test="kang unseen donors"),
           "pretrain_vs_random/grid": pretrain_vs_random_table,
           "pretrain_vs_random/vocabulary": lambda: pretrain_vs_random_table(VOCAB_PAIRS,
                                                                            mixed=True),
