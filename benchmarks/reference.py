@@ -542,12 +542,14 @@ def machine_info() -> dict[str, Any]:
                                                     text=True).stdout.strip())
         except (OSError, subprocess.CalledProcessError):
             info["git_commit"] = None
-    info["device"] = device_name(torch)
+    info["device"] = device_name()
     return info
 
 
-def device_name(torch) -> str:
+def device_name() -> str:
     """What canal's runs compute on: the GPU's name under CUDA, else the CPU."""
+    import torch
+
     import canal
 
     dev = canal.settings.torch_device()

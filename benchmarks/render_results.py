@@ -93,16 +93,29 @@ _FULL_STREAM_COLS: list[Column] = [("held-out", "average_accuracy", False, 3, Tr
                                    ("BWT", "backward_transfer", True, 3, True),
                                    ("min/run", "minutes", False, 1, False)]
 
+#: Columns of the novel-cell tables (CPU grids and the full grid alike): each H beside the mixup H.
+_NOVEL_PANCREAS_COLS: list[Column] = [
+    *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                                           ("known→Unassigned", "unassigned_known"),
+                                           ("H", "h_score"), ("mixup H", "mixup_h_score")]),
+    *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [("closed", "closed_accuracy"),
+                                                      ("H", "h_score"),
+                                                      ("mixup H", "mixup_h_score")]),
+    *_FULL_STREAM_COLS]
+_NOVEL_IMMUNE_COLS: list[Column] = [
+    *_test_cols("kang unseen donors", "Kang unseen donors",
+                [("acc", "accuracy"), ("closed", "closed_accuracy"),
+                 ("known→Unassigned", "unassigned_known"), ("H", "h_score"),
+                 ("mixup H", "mixup_h_score")]),
+    *_test_cols("pbmc3k 20%", "pbmc3k 20%",
+                [("acc", "accuracy"), ("closed", "closed_accuracy"), ("H", "h_score"),
+                 ("mixup H", "mixup_h_score")]),
+    *_FULL_STREAM_COLS]
+
 #: The full-data grid (issue #20): every experiment, canal next to the other strategies where run.
 TABLES |= {
-    "reference_full/novel_pancreas": ("reference_full_novel_pancreas.json", "novel_pancreas", [
-        *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
-                                               ("known→Unassigned", "unassigned_known"),
-                                               ("H", "h_score"), ("mixup H", "mixup_h_score")]),
-        *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [("closed", "closed_accuracy"),
-                                                          ("H", "h_score"),
-                                                          ("mixup H", "mixup_h_score")]),
-        *_FULL_STREAM_COLS]),
+    "reference_full/novel_pancreas": ("reference_full_novel_pancreas.json", "novel_pancreas",
+                                      _NOVEL_PANCREAS_COLS),
     "reference_full_strategies/cross_species": (
         "reference_full_strategies.json", "cross_species", [
             *_test_cols("baron human4", "human4", [("acc", "accuracy"),
@@ -125,15 +138,7 @@ TABLES |= {
                         [("acc", "accuracy"), ("closed", "closed_accuracy"), ("H", "h_score")]),
             *_FULL_STREAM_COLS]),
     "reference_full_novel_immune3/novel_immune": (
-        "reference_full_novel_immune3.json", "novel_immune", [
-            *_test_cols("kang unseen donors", "Kang unseen donors",
-                        [("acc", "accuracy"), ("closed", "closed_accuracy"),
-                         ("known→Unassigned", "unassigned_known"), ("H", "h_score"),
-                         ("mixup H", "mixup_h_score")]),
-            *_test_cols("pbmc3k 20%", "pbmc3k 20%",
-                        [("acc", "accuracy"), ("closed", "closed_accuracy"), ("H", "h_score"),
-                         ("mixup H", "mixup_h_score")]),
-            *_FULL_STREAM_COLS]),
+        "reference_full_novel_immune3.json", "novel_immune", _NOVEL_IMMUNE_COLS),
 }
 
 
@@ -150,14 +155,7 @@ TABLES |= {
         *_test_cols("baron mouse", "mouse", [("acc", "accuracy"), ("closed", "closed_accuracy"),
                                              ("H", "h_score")]),
         *_FULL_STREAM_COLS]),
-    "reference_grid/novel_pancreas": (GRID_FILE, "novel_pancreas", [
-        *_test_cols("baron human4", "human4", [("acc", "accuracy"), ("closed", "closed_accuracy"),
-                                               ("known→Unassigned", "unassigned_known"),
-                                               ("H", "h_score"), ("mixup H", "mixup_h_score")]),
-        *_test_cols("segerstolpe_lawlor", "Seg./Lawlor", [("closed", "closed_accuracy"),
-                                                          ("H", "h_score"),
-                                                          ("mixup H", "mixup_h_score")]),
-        *_FULL_STREAM_COLS]),
+    "reference_grid/novel_pancreas": (GRID_FILE, "novel_pancreas", _NOVEL_PANCREAS_COLS),
     "reference_grid/immune": (GRID_FILE, "immune", [
         *_test_cols("kang unseen donors", "Kang unseen donors",
                     [("acc", "accuracy"), ("closed", "closed_accuracy")]),
@@ -166,15 +164,7 @@ TABLES |= {
         *_test_cols("kang_stim", "kang_stim", [("acc", "accuracy"), ("closed", "closed_accuracy"),
                                                ("H", "h_score"), ("mixup H", "mixup_h_score")]),
         *_FULL_STREAM_COLS]),
-    "reference_grid/novel_immune": (GRID_FILE, "novel_immune", [
-        *_test_cols("kang unseen donors", "Kang unseen donors",
-                    [("acc", "accuracy"), ("closed", "closed_accuracy"),
-                     ("known→Unassigned", "unassigned_known"), ("H", "h_score"),
-                     ("mixup H", "mixup_h_score")]),
-        *_test_cols("pbmc3k 20%", "pbmc3k 20%",
-                    [("acc", "accuracy"), ("closed", "closed_accuracy"), ("H", "h_score"),
-                     ("mixup H", "mixup_h_score")]),
-        *_FULL_STREAM_COLS]),
+    "reference_grid/novel_immune": (GRID_FILE, "novel_immune", _NOVEL_IMMUNE_COLS),
 }
 
 

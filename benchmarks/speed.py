@@ -236,6 +236,7 @@ def throughput(data_root: Path, *, device: torch.device, quick: bool) -> dict:
                  if device.type == "cuda" else "cpu", "models": {}}
     sizes = {"default": [256, 1024, 4096], "paper": [256, 1024]}
     min_s = 1.0 if quick else 2.0
+    best = (0.0, 0, "fp32")  # the default model's fastest (cells/s, batch, precision) with tokens
     for size, batches in sizes.items():
         if size == "default":
             model = Annotator.from_pretrained()
@@ -243,6 +244,8 @@ def throughput(data_root: Path, *, device: torch.device, quick: bool) -> dict:
             model = Annotator.create(baron, n_genes=1000, config=ModelConfig.paper())
         model.net.head.grow(len(classes))
         model.cell_types = classes
+        if size == "default":
+            shipped = model
         data = model.prepare(baron)
         net = model.net.to(device).eval()
         r: dict = {"gflop_per_cell_forward": forward_gflop(model.net.config)}
@@ -258,6 +261,9 @@ def throughput(data_root: Path, *, device: torch.device, quick: bool) -> dict:
                 r[f"tokens_model_{key}"] = _rate(
                     net, lambda d=data, x=rows: d.tokens(x).to(device), bf16=bf16,
                     device=device, min_seconds=min_s) * batch
+                if size == "default":
+                    best = max(best, (r[f"tokens_model_{key}"], batch,
+                                      "bf16" if bf16 else "fp32"))
                 print(f"  throughput {size} batch {batch} {key.split('_')[1]}: model "
                       f"{r[f'model_{key}']:.0f} cells/s, tokens + model "
                       f"{r[f'tokens_model_{key}']:.0f} cells/s", flush=True)
@@ -266,20 +272,15 @@ def throughput(data_root: Path, *, device: torch.device, quick: bool) -> dict:
         out["models"][size] = r
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    # end to end: the shipped model as a user calls it
-    model = Annotator.from_pretrained()
-    model.net.head.grow(len(classes))
-    model.cell_types = classes
-    best = max((k for k in out["models"]["default"] if k.startswith("tokens_model_")),
-               key=out["models"]["default"].get)
-    batch, precision = int(best.split("_b")[1].split("_")[0]), best.rsplit("_", 1)[1]
+    # end to end: the shipped model as a user calls it, at its fastest batch and precision
+    _, batch, precision = best
     n_predict = len(baron) * (5 if quick else 25)
     tiled = ad.concat([baron] * (n_predict // len(baron)), index_unique="-")
-    model.predict(baron, novelty="none", batch_size=batch, precision=precision, inplace=False,
-                  device=device)
+    shipped.predict(baron, novelty="none", batch_size=batch, precision=precision,
+                    inplace=False, device=device)
     t = time.perf_counter()
-    model.predict(tiled, novelty="none", batch_size=batch, precision=precision, inplace=False,
-                  device=device)
+    shipped.predict(tiled, novelty="none", batch_size=batch, precision=precision,
+                    inplace=False, device=device)
     sec = time.perf_counter() - t
     out["predict"] = {"cells": tiled.n_obs, "batch_size": batch, "precision": precision,
                       "seconds": sec, "cells_per_s": tiled.n_obs / sec}
